@@ -1,0 +1,119 @@
+"""Settings, from the environment (prefix ``RETROAUTH_``) or a ``.env`` file.
+
+The defaults are the embedded setup: a SQLite file and local files under ``./var``. Production sets
+``RETROAUTH_DATABASE_URL=postgresql+psycopg://...`` and ``RETROAUTH_STORAGE_URL=s3://bucket/prefix``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from config import PAYERS_DIR
+from retroauth.identifiers import npi_is_valid, tin_is_valid
+
+ENV_PREFIX = "RETROAUTH_"
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message names each bad setting by its variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: str = Field(
+        "sqlite:///./var/retroauth.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
+    )
+    storage_url: str = Field(
+        "file://./var/storage",
+        description="Where documents and letters go: file://DIR or s3://bucket/prefix",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (tests, MinIO)")
+    s3_sse: str = Field("AES256", description="S3 server-side encryption: AES256 or aws:kms")
+    s3_kms_key_id: str | None = Field(None, description="KMS key id when s3_sse is aws:kms")
+
+    facility_name: str = Field("Riverside Community Hospital", min_length=1)
+    facility_address: str = Field("100 Main Street, Springfield, IL 62701", min_length=1)
+    facility_phone: str = "217-555-0100"
+    facility_contact: str = "Patient Financial Services, Authorization Desk"
+    facility_npi: str = "1234567893"
+    facility_tin: str = "12-3456789"
+    facility_timezone: str = "America/Chicago"
+
+    payer_rules_dir: Path = Field(PAYERS_DIR, description="Directory of payer rule YAML files")
+    sweep_lookback_days: int = Field(30, ge=1, le=730, description="Days of encounters each sweep reviews")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        scheme = urlparse(v).scheme
+        if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return v
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, v: str) -> str:
+        u = urlparse(v)
+        if u.scheme == "file" and (u.netloc or u.path):
+            return v
+        if u.scheme == "s3" and len(u.netloc) >= 3:
+            return v
+        raise ValueError("must be file://DIR or s3://bucket[/prefix] (bucket names have 3+ characters)")
+
+    @field_validator("s3_sse")
+    @classmethod
+    def _sse(cls, v: str) -> str:
+        if v not in ("AES256", "aws:kms"):
+            raise ValueError("must be AES256 or aws:kms")
+        return v
+
+    @field_validator("facility_npi")
+    @classmethod
+    def _npi(cls, v: str) -> str:
+        if not npi_is_valid(v):
+            raise ValueError("is not a valid NPI (10 digits with a correct check digit)")
+        return v
+
+    @field_validator("facility_tin")
+    @classmethod
+    def _tin(cls, v: str) -> str:
+        if not tin_is_valid(v):
+            raise ValueError("is not a valid TIN (9 digits, NN-NNNNNNN)")
+        return v
+
+    @field_validator("facility_timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("is not an IANA time zone such as America/Chicago") from None
+        return v
+
+    @field_validator("payer_rules_dir")
+    @classmethod
+    def _rules_dir(cls, v: Path) -> Path:
+        if not v.is_dir():
+            raise ValueError(f"directory {v} does not exist")
+        return v
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, or fail with one line per bad setting naming its environment variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ENV_PREFIX + ".".join(str(p) for p in err["loc"]).upper()
+            lines.append(f"{name}: {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

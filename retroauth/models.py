@@ -1,0 +1,376 @@
+"""The database tables: the single schema of the product (Alembic migrations are generated from it).
+
+Conventions:
+- Every row that comes from outside carries a natural key with a unique constraint, so a repeated
+  import or run finds the row instead of adding a second one.
+- Instants are timezone-aware and stored in UTC (``UTCDateTime``); the time zone they happened in is
+  kept beside them where deadlines need it (encounters).
+- Codes are stored as the (code system, code) pair they came with; nothing assumes CPT.
+- Money is ``Numeric(12, 2)``, never float.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from retroauth.vocab import CaseStatus
+
+MONEY = sa.Numeric(12, 2)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware instant on every backend: SQLite keeps no zone, so store UTC and say so on read."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: every instant stored must carry its time zone")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _instant(nullable: bool = False, now: bool = False) -> Any:
+    column = sa.Column(UTCDateTime(), nullable=nullable)
+    if now:
+        return Field(default_factory=utcnow, sa_column=column)
+    return Field(default=None, sa_column=column) if nullable else Field(sa_column=column)
+
+
+def _json(nullable: bool = True) -> Any:
+    return Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=nullable))
+
+
+# --- people and coverage -------------------------------------------------------------------------
+
+
+class Patient(SQLModel, table=True):
+    __tablename__ = "patients"
+    __table_args__ = (sa.UniqueConstraint("source_system", "source_id", name="uq_patients_source"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source_system: str = Field(max_length=64)  # "fhir:<export>", "csv", ...
+    source_id: str = Field(max_length=128)
+    mrn: str | None = Field(default=None, max_length=64)
+    family_name: str = Field(max_length=128)
+    given_name: str = Field(max_length=128)
+    birth_date: date | None = None
+    sex: str | None = Field(default=None, max_length=16)
+    address_line: str | None = Field(default=None, max_length=256)
+    city: str | None = Field(default=None, max_length=128)
+    state: str | None = Field(default=None, max_length=2)
+    postal_code: str | None = Field(default=None, max_length=10)
+    phone: str | None = Field(default=None, max_length=32)
+
+
+class Coverage(SQLModel, table=True):
+    __tablename__ = "coverages"
+    __table_args__ = (
+        sa.UniqueConstraint("patient_id", "payer_id", "member_id", "effective_from", name="uq_coverages_member"),
+        sa.Index("ix_coverages_payer_member", "payer_id", "member_id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    patient_id: int = Field(foreign_key="patients.id", index=True)
+    payer_id: str = Field(max_length=64)  # the id of a payer rule file
+    plan_name: str | None = Field(default=None, max_length=128)
+    member_id: str = Field(max_length=64)
+    group_number: str | None = Field(default=None, max_length=64)
+    priority: int = Field(default=1)  # 1 primary, 2 secondary, ...
+    effective_from: date
+    effective_to: date | None = None
+    discovered_at: datetime = _instant()  # when the provider learned of this coverage
+    discovery_method: str = Field(max_length=32)  # vocab.CoverageDiscovery
+
+
+# --- encounters and what was done ----------------------------------------------------------------
+
+
+class Encounter(SQLModel, table=True):
+    __tablename__ = "encounters"
+    __table_args__ = (
+        sa.UniqueConstraint("source_system", "source_id", name="uq_encounters_source"),
+        sa.Index("ix_encounters_admitted_at", "admitted_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    source_system: str = Field(max_length=64)
+    source_id: str = Field(max_length=128)
+    patient_id: int = Field(foreign_key="patients.id", index=True)
+    encounter_class: str = Field(max_length=16)  # vocab.EncounterClass
+    admission_type: str | None = Field(default=None, max_length=16)  # vocab.AdmissionType
+    admitted_at: datetime = _instant()
+    discharged_at: datetime | None = _instant(nullable=True)
+    timezone: str = Field(max_length=64)  # where it happened: local dates and cut-offs need it
+    facility_name: str | None = Field(default=None, max_length=256)
+    facility_npi: str | None = Field(default=None, max_length=10)
+    place_of_service: str | None = Field(default=None, max_length=2)  # CMS POS code
+    type_of_bill: str | None = Field(default=None, max_length=4)
+    # A system problem that kept staff from asking in time (outage ticket, EHR failure reference).
+    system_issue_reference: str | None = Field(default=None, max_length=128)
+
+
+class ServiceLine(SQLModel, table=True):
+    __tablename__ = "service_lines"
+    __table_args__ = (
+        sa.UniqueConstraint("encounter_id", "line_number", name="uq_service_lines_line"),
+        sa.Index("ix_service_lines_code", "code_system", "code"),
+        sa.Index("ix_service_lines_service_date", "service_date"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    encounter_id: int = Field(foreign_key="encounters.id", index=True)
+    line_number: int
+    source_id: str | None = Field(default=None, max_length=128)  # e.g. the FHIR Procedure id
+    code_system: str = Field(max_length=16)  # vocab.CodeSystem
+    code: str = Field(max_length=32)
+    description: str | None = Field(default=None, max_length=512)
+    modifiers: str | None = Field(default=None, max_length=32)  # comma-separated, e.g. "RT,59"
+    units: Decimal = Field(default=Decimal("1"), sa_type=sa.Numeric(9, 2))
+    charge: Decimal = Field(default=Decimal("0"), sa_type=MONEY)
+    service_date: date
+    rendering_npi: str | None = Field(default=None, max_length=10)
+    ordering_npi: str | None = Field(default=None, max_length=10)
+    # Set when a remittance (835) denied this line for missing or invalid authorization.
+    denial_carc: str | None = Field(default=None, max_length=8)
+    denial_rarc: str | None = Field(default=None, max_length=8)
+    denied_on: date | None = None
+
+
+class Diagnosis(SQLModel, table=True):
+    __tablename__ = "diagnoses"
+    __table_args__ = (sa.UniqueConstraint("encounter_id", "code_system", "code", name="uq_diagnoses_code"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    encounter_id: int = Field(foreign_key="encounters.id", index=True)
+    code_system: str = Field(max_length=16)
+    code: str = Field(max_length=32)
+    description: str | None = Field(default=None, max_length=512)
+    rank: int = Field(default=1)  # 1 principal
+
+
+class ClinicalDocument(SQLModel, table=True):
+    """A note or report; its content lives in object storage under ``storage_key``."""
+
+    __tablename__ = "clinical_documents"
+    __table_args__ = (
+        sa.UniqueConstraint("source_system", "source_id", name="uq_clinical_documents_source"),
+        sa.Index("ix_clinical_documents_type", "patient_id", "loinc_type", "authored_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    source_system: str = Field(max_length=64)
+    source_id: str = Field(max_length=128)
+    patient_id: int = Field(foreign_key="patients.id")
+    encounter_id: int | None = Field(default=None, foreign_key="encounters.id", index=True)
+    loinc_type: str = Field(max_length=16)
+    title: str | None = Field(default=None, max_length=256)
+    author: str | None = Field(default=None, max_length=256)
+    authored_at: datetime = _instant()
+    content_type: str = Field(default="text/plain", max_length=64)
+    storage_key: str = Field(max_length=512)
+    sha256: str = Field(max_length=64)
+    size_bytes: int
+
+
+class PayerOutage(SQLModel, table=True):
+    """A recorded outage of a payer's portal or API: evidence for the 'system issue' reason."""
+
+    __tablename__ = "payer_outages"
+    __table_args__ = (sa.UniqueConstraint("payer_id", "starts_at", name="uq_payer_outages_start"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    payer_id: str = Field(max_length=64)
+    starts_at: datetime = _instant()
+    ends_at: datetime | None = _instant(nullable=True)
+    reference: str = Field(max_length=128)  # ticket or notice number
+    description: str | None = Field(default=None, max_length=512)
+
+
+# --- authorizations on file ----------------------------------------------------------------------
+
+
+class Authorization(SQLModel, table=True):
+    """An authorization the payer granted (or one in flight) that can cover services."""
+
+    __tablename__ = "authorizations"
+    __table_args__ = (
+        sa.UniqueConstraint("payer_id", "auth_number", name="uq_authorizations_number"),
+        sa.Index("ix_authorizations_member", "payer_id", "member_id", "starts_on", "ends_on"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    payer_id: str = Field(max_length=64)
+    member_id: str = Field(max_length=64)
+    patient_id: int | None = Field(default=None, foreign_key="patients.id")
+    provider_npi: str | None = Field(default=None, max_length=10)
+    auth_number: str = Field(max_length=64)
+    starts_on: date
+    ends_on: date
+    status: str = Field(max_length=16)  # approved, pending, denied, cancelled
+    source: str = Field(max_length=32)  # import, payer_response, manual
+    case_id: int | None = Field(default=None, foreign_key="retro_cases.id")  # when we obtained it
+
+
+class AuthorizationCode(SQLModel, table=True):
+    """One code an authorization covers: a child table, so coverage checks are a join, not a parse."""
+
+    __tablename__ = "authorization_codes"
+    __table_args__ = (
+        sa.UniqueConstraint("authorization_id", "code_system", "code", name="uq_authorization_codes"),
+        sa.Index("ix_authorization_codes_code", "code_system", "code"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    authorization_id: int = Field(foreign_key="authorizations.id")
+    code_system: str = Field(max_length=16)
+    code: str = Field(max_length=32)
+
+
+# --- retro-authorization cases -------------------------------------------------------------------
+
+
+class RetroCase(SQLModel, table=True):
+    """One encounter's uncovered services for one payer: the unit of work of the whole product."""
+
+    __tablename__ = "retro_cases"
+    __table_args__ = (
+        sa.UniqueConstraint("encounter_id", "payer_id", name="uq_retro_cases_encounter_payer"),
+        sa.Index("ix_retro_cases_worklist", "status", "due_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    encounter_id: int = Field(foreign_key="encounters.id")
+    payer_id: str = Field(max_length=64)
+    coverage_id: int | None = Field(default=None, foreign_key="coverages.id")
+    status: str = Field(default=CaseStatus.IDENTIFIED, max_length=32)  # vocab.CaseStatus
+    reason: str | None = Field(default=None, max_length=40)  # vocab.MissReason
+    delay_reason_code: str | None = Field(default=None, max_length=4)  # X12 element 1514
+    due_at: datetime | None = _instant(nullable=True)
+    deadline_rule: str | None = Field(default=None, max_length=256)  # which rule produced due_at
+    not_eligible_why: str | None = Field(default=None, max_length=64)  # machine-readable
+    priority: int = Field(default=0)  # higher is more urgent
+    amount_at_risk: Decimal = Field(default=Decimal("0"), sa_type=MONEY)
+    created_at: datetime = _instant(now=True)
+    updated_at: datetime = _instant(now=True)
+    # Bumped on every transition: a compare-and-set guard against two workers moving one case.
+    version: int = Field(default=1)
+
+
+class CaseServiceLine(SQLModel, table=True):
+    __tablename__ = "case_service_lines"
+    __table_args__ = (sa.UniqueConstraint("case_id", "service_line_id", name="uq_case_service_lines"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: int = Field(foreign_key="retro_cases.id", index=True)
+    service_line_id: int = Field(foreign_key="service_lines.id", index=True)
+    rule_category: str | None = Field(default=None, max_length=64)  # the payer rule that required auth
+
+
+class CaseEvent(SQLModel, table=True):
+    """The audit trail: one row per state change or notable step, written with the change itself."""
+
+    __tablename__ = "case_events"
+    __table_args__ = (sa.Index("ix_case_events_case", "case_id", "occurred_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: int = Field(foreign_key="retro_cases.id")
+    occurred_at: datetime = _instant(now=True)
+    run_id: str | None = Field(default=None, max_length=64)  # Prefect flow-run id, or "cli:<user>"
+    actor: str = Field(default="system", max_length=64)
+    event: str = Field(max_length=32)  # "transition", "note", ...
+    from_status: str | None = Field(default=None, max_length=32)
+    to_status: str | None = Field(default=None, max_length=32)
+    details: dict | None = _json()  # ids and codes only, never patient data
+
+
+# --- talking to the payer ------------------------------------------------------------------------
+
+
+class Submission(SQLModel, table=True):
+    """The outbox: written in the same transaction as the case's move to ``submitting``."""
+
+    __tablename__ = "submissions"
+    __table_args__ = (
+        sa.UniqueConstraint("idempotency_key", name="uq_submissions_idempotency_key"),
+        sa.UniqueConstraint("case_id", "attempt", name="uq_submissions_attempt"),
+        sa.Index("ix_submissions_status", "status"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: int = Field(foreign_key="retro_cases.id")
+    attempt: int = Field(default=1)
+    kind: str = Field(default="request", max_length=16)  # request, appeal
+    channel: str = Field(max_length=16)  # vocab.Channel
+    idempotency_key: str = Field(max_length=64)
+    status: str = Field(default="pending", max_length=16)  # pending, sent, failed, reconciled
+    created_at: datetime = _instant(now=True)
+    sent_at: datetime | None = _instant(nullable=True)
+    tracking_number: str | None = Field(default=None, max_length=64)
+    payload_key: str | None = Field(default=None, max_length=512)  # what was sent, in storage
+    last_error: str | None = Field(default=None, max_length=256)  # codes only
+
+
+class PayerResponse(SQLModel, table=True):
+    __tablename__ = "payer_responses"
+    __table_args__ = (sa.UniqueConstraint("submission_id", "response_ref", name="uq_payer_responses_ref"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    submission_id: int = Field(foreign_key="submissions.id", index=True)
+    case_id: int = Field(foreign_key="retro_cases.id", index=True)
+    response_ref: str = Field(max_length=128)  # payer's response id, or a hash of the payload
+    received_at: datetime = _instant(now=True)
+    decision: str = Field(max_length=4)  # X12 HCR01 / PAS reviewActionCode: A1, A3, A4, ...
+    certification_number: str | None = Field(default=None, max_length=64)
+    reason_codes: str | None = Field(default=None, max_length=128)  # comma-separated
+    payload_key: str | None = Field(default=None, max_length=512)
+
+
+class Appeal(SQLModel, table=True):
+    __tablename__ = "appeals"
+    __table_args__ = (sa.UniqueConstraint("case_id", "level", name="uq_appeals_level"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: int = Field(foreign_key="retro_cases.id", index=True)
+    level: int  # 1 first level, 2 second level, 3 external review
+    status: str = Field(default="open", max_length=16)  # open, filed, upheld, overturned, lapsed
+    denial_codes: str | None = Field(default=None, max_length=128)
+    due_at: datetime = _instant()
+    filed_at: datetime | None = _instant(nullable=True)
+    decided_at: datetime | None = _instant(nullable=True)
+
+
+class FollowUp(SQLModel, table=True):
+    __tablename__ = "follow_ups"
+    __table_args__ = (
+        sa.UniqueConstraint("case_id", "kind", "due_at", name="uq_follow_ups_due"),
+        sa.Index("ix_follow_ups_open", "done_at", "due_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: int = Field(foreign_key="retro_cases.id", index=True)
+    kind: str = Field(max_length=32)  # status_inquiry, sla_escalation, appeal_deadline, documentation
+    due_at: datetime = _instant()
+    done_at: datetime | None = _instant(nullable=True)
+    attempts: int = Field(default=0)
+    outcome: str | None = Field(default=None, max_length=64)
