@@ -75,13 +75,22 @@ class LocalStorage:
     def _path(self, k: str) -> Path:
         return self.root / check_key(k)
 
+    def _mkdirs(self, directory: Path) -> None:
+        # One level at a time: mkdir(parents=True) gives the parents default (umask) modes, not 0700.
+        for d in reversed([directory, *directory.parents]):
+            if d.is_relative_to(self.root) and d != self.root:
+                d.mkdir(exist_ok=True, mode=0o700)
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         path = self._path(key)
         digest = sha256_hex(data)
-        if path.exists() and sha256_hex(path.read_bytes()) == digest:
+        if path.is_file() and sha256_hex(path.read_bytes()) == digest:
             return StoredObject(key, digest, len(data))
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
+        try:
+            self._mkdirs(path.parent)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
+        except OSError as exc:  # e.g. a file where a folder of the key should be
+            raise StorageError(f"cannot write {key}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -96,7 +105,7 @@ class LocalStorage:
     def get(self, key: str, sha256: str | None = None) -> bytes:
         try:
             data = self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise StorageError(f"no object at {key}") from None
         if sha256 is not None and sha256_hex(data) != sha256:
             raise IntegrityError(f"checksum mismatch for {key}")
