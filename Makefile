@@ -4,7 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean lint
+.PHONY: demo test install clean sysdeps
+
+# Debian packages the tests need: PostgreSQL server binaries (the suite starts its own cluster).
+SYSTEM_PACKAGES := postgresql postgresql-contrib
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +23,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/retroauth demo
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+sysdeps:
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	  else echo "PostgreSQL server binaries missing: install $(SYSTEM_PACKAGES) (tests on PostgreSQL will be skipped)"; fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

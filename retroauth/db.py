@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
@@ -60,7 +58,9 @@ def session_scope(engine: sa.Engine) -> Iterator[Session]:
             raise
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str):  # noqa: ANN201 - alembic is imported late: the CLI starts faster
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -72,6 +72,8 @@ def migrate(url: str, revision: str = "head") -> None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         _create_private_file(Path(parsed.database))
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)
 
 

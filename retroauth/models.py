@@ -374,3 +374,80 @@ class FollowUp(SQLModel, table=True):
     done_at: datetime | None = _instant(nullable=True)
     attempts: int = Field(default=0)
     outcome: str | None = Field(default=None, max_length=64)
+
+
+# --- the payer rule library, loaded for set-based matching -----------------------------------------
+
+
+class PayerAuthRule(SQLModel, table=True):
+    """One code range of one "authorization required" rule, flattened from ``config/payers``.
+
+    The YAML files are the source; the sweep reloads these rows before it runs so that matching is
+    a join. A range matches a code when the lengths agree and ``code_lo <= code <= code_hi``. Rules
+    limited to several places of service or encounter classes get one row per value (NULL: any).
+    """
+
+    __tablename__ = "payer_auth_rules"
+    __table_args__ = (sa.Index("ix_payer_auth_rules_match", "payer_id", "code_system", "code_len", "code_lo"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    payer_id: str = Field(max_length=64)
+    rule_index: int  # position in the payer file, to point people at the rule
+    category: str = Field(max_length=64)
+    code_system: str = Field(max_length=16)
+    code_lo: str = Field(max_length=32)
+    code_hi: str = Field(max_length=32)
+    code_len: int
+    place_of_service: str | None = Field(default=None, max_length=2)
+    encounter_class: str | None = Field(default=None, max_length=16)
+    effective_from: date
+    effective_to: date | None = None
+    provider_specific: bool = False
+    requires_partner: bool = False  # "only together with": see PayerAuthPartner
+
+
+class PayerAuthPartner(SQLModel, table=True):
+    """The codes a pair rule needs on the same encounter ("64612 only with J0585-J0588")."""
+
+    __tablename__ = "payer_auth_partners"
+    __table_args__ = (sa.Index("ix_payer_auth_partners_rule", "payer_id", "rule_index"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    payer_id: str = Field(max_length=64)
+    rule_index: int
+    code_system: str = Field(max_length=16)
+    code_lo: str = Field(max_length=32)
+    code_hi: str = Field(max_length=32)
+    code_len: int
+
+
+# --- imports ----------------------------------------------------------------------------------------
+
+
+class ImportRun(SQLModel, table=True):
+    """One run of an importer: what it read and what became of it (``retroauth imports``)."""
+
+    __tablename__ = "import_runs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)  # fhir, csv, remit, generate
+    source: str = Field(max_length=512)  # the directory or file imported
+    started_at: datetime = _instant(now=True)
+    finished_at: datetime | None = _instant(nullable=True)
+    counts: dict | None = _json()  # per record type: read, inserted, updated, unchanged, skipped, errors
+    error_count: int = Field(default=0)
+
+
+class ImportErrorRecord(SQLModel, table=True):
+    """A rejected record, kept so that nothing is dropped silently. Never the record's values."""
+
+    __tablename__ = "import_errors"
+    __table_args__ = (sa.Index("ix_import_errors_run", "import_run_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    import_run_id: int = Field(foreign_key="import_runs.id")
+    file: str = Field(max_length=256)
+    line: int | None = None  # 1-based line, CSV row or X12 segment number
+    record: str = Field(max_length=160)  # "Encounter/<id>", "encounters.csv row 12", "CLP 4711"
+    field: str = Field(max_length=160)
+    message: str = Field(max_length=512)

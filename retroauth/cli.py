@@ -1,0 +1,289 @@
+"""The ``retroauth`` command for billing staff and operators (typer + rich).
+
+Every command has ``--help``; the ones a script would read take ``--json``. Settings come from the
+environment (``RETROAUTH_*``); a bad one stops the command with a message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config.settings import Settings, SettingsError, load_settings
+from retroauth.cases import OPEN_STATES
+from retroauth.db import make_engine, migrate
+from retroauth.storage import open_storage
+
+app = typer.Typer(
+    help="Retro-authorization for US medical billing: find services that needed authorization and "
+    "have none, ask the payer after the fact, and follow up until it is decided.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold patient data
+)
+payers_app = typer.Typer(help="The payer rule library (config/payers/*.yaml).", no_args_is_help=True)
+cases_app = typer.Typer(help="Retro-authorization cases: the worklist and one case's history.", no_args_is_help=True)
+app.add_typer(payers_app, name="payers")
+app.add_typer(cases_app, name="cases")
+
+console = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+
+class Exit(Exception):
+    """A user-facing failure: printed without a traceback, exit code 2."""
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    return load_settings()
+
+
+def engine() -> sa.Engine:
+    return make_engine(settings().database_url)
+
+
+def storage():  # noqa: ANN201 - a Storage
+    s = settings()
+    return open_storage(s.storage_url, **s3_options(s))
+
+
+def s3_options(s: Settings) -> dict[str, Any]:
+    if not s.storage_url.startswith("s3://"):
+        return {}
+    return {"endpoint_url": s.s3_endpoint_url, "sse": s.s3_sse, "kms_key_id": s.s3_kms_key_id}
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# --- set-up -------------------------------------------------------------------------------------
+
+
+@app.command()
+def init() -> None:
+    """Create or upgrade the database to the current schema and prepare document storage."""
+    s = settings()
+    migrate(s.database_url)
+    storage()
+    console.print(f"[green]database ready[/] ({_safe_url(s.database_url)})")
+    console.print(f"[green]storage ready[/]  ({s.storage_url})")
+
+
+@app.command("settings")
+def show_settings(as_json: JsonOpt = False) -> None:
+    """Show the settings in effect (after environment variables and .env)."""
+    data = {k: str(v) for k, v in settings().model_dump().items()}
+    data["database_url"] = _safe_url(data["database_url"])
+    if as_json:
+        emit_json(data)
+        return
+    table = Table("setting", "value", title="retroauth settings")
+    for k, v in data.items():
+        table.add_row(f"RETROAUTH_{k.upper()}", v)
+    console.print(table)
+
+
+def _safe_url(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+# --- payers -------------------------------------------------------------------------------------
+
+
+@payers_app.command("check")
+def payers_check(
+    directory: Annotated[Path | None, typer.Argument(help="Directory of payer YAML files (default: the configured one).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate every payer file; each problem names the file, the field and the line."""
+    from retroauth.rules import PayerRuleError, check_directory
+
+    directory = directory or settings().payer_rules_dir
+    try:
+        summaries = check_directory(directory)
+    except PayerRuleError as exc:
+        if as_json:
+            emit_json({"ok": False, "problems": [p.__dict__ for p in exc.problems]})
+            raise SystemExit(2) from None
+        raise Exit(str(exc)) from None
+    if as_json:
+        emit_json({"ok": True, "payers": summaries})
+        return
+    _payer_table(summaries, f"{len(summaries)} payer files in {directory}: all valid")
+
+
+@payers_app.command("list")
+def payers_list(as_json: JsonOpt = False) -> None:
+    """The payers in the configured library and their retro policies."""
+    from retroauth.rules import load_rule_library
+
+    summaries = load_rule_library(settings().payer_rules_dir).summaries()
+    if as_json:
+        emit_json(summaries)
+        return
+    _payer_table(summaries, "Payer rule library")
+
+
+def _payer_table(summaries: list[dict], title: str) -> None:
+    table = Table("payer", "name", "rules", "codes", "retro", "channel", title=title)
+    for p in summaries:
+        retro = "\n".join(p["retro_windows"]) if p["retro_accepted"] else "[red]not accepted[/]"
+        table.add_row(p["id"], p["name"], str(p["auth_rules"]), str(p["codes"]), retro, p["channel"])
+    console.print(table)
+
+
+# --- sweep ----------------------------------------------------------------------------------------
+
+
+@app.command("sweep")
+def sweep_cmd(
+    as_of: Annotated[datetime | None, typer.Option(help="Run as of this date or time (facility zone); default now.")] = None,
+    lookback_days: Annotated[int | None, typer.Option(help="Days of encounters to review (default from settings).")] = None,
+    payer: Annotated[list[str] | None, typer.Option(help="Only this payer id (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the services that needed authorization and have none; print the day's worklist."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from retroauth.cases import Actor
+    from retroauth.rules import load_rule_library
+    from retroauth.sweep import sweep
+
+    s = settings()
+    when = _aware(as_of) if as_of else datetime.now(timezone.utc)
+    with Progress(TextColumn("sweeping encounters"), BarColumn(), MofNCompleteColumn(), console=err,
+                  disable=as_json) as bar:
+        task = bar.add_task("sweep", total=None)
+        result = sweep(engine(), load_rule_library(s.payer_rules_dir), as_of=when,
+                       lookback_days=lookback_days or s.sweep_lookback_days, payer_ids=payer,
+                       actor=Actor(run_id=None, name="cli"), progress=lambda n: bar.update(task, completed=n))
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    console.print(
+        f"swept {result.encounters_scanned} encounters ({result.since:%Y-%m-%d} to {result.until:%Y-%m-%d}): "
+        f"{result.lines_uncovered} services without authorization, {result.cases_created} new cases, "
+        f"{result.not_eligible} not eligible, {result.withdrawn} withdrawn, {result.expired} expired"
+    )
+    cases_list(status=None, payer=None, all_states=False, due_within=None, limit=25, as_json=False)
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=_facility_zone())
+
+
+# --- cases ----------------------------------------------------------------------------------------
+
+
+@cases_app.command("list")
+def cases_list(
+    status: Annotated[list[str] | None, typer.Option(help="Only these states (repeatable).")] = None,
+    payer: Annotated[str | None, typer.Option(help="Only this payer id.")] = None,
+    all_states: Annotated[bool, typer.Option("--all", help="Include closed and other final cases.")] = False,
+    due_within: Annotated[float | None, typer.Option(help="Only cases due within this many hours.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """The worklist: open cases, the nearest deadline first."""
+    from retroauth.worklist import worklist
+
+    states = status or (None if all_states else sorted(OPEN_STATES))
+    rows = worklist(engine(), states=states, payer_id=payer, limit=limit, due_within_hours=due_within)
+    if as_json:
+        emit_json([r._asdict() for r in rows])
+        return
+    table = Table("case", "status", "payer", "reason", "due", "time left", "at risk", "priority",
+                  title=f"Worklist ({len(rows)} shown)")
+    now = datetime.now(timezone.utc)
+    for r in rows:
+        table.add_row(
+            str(r.id), r.status, r.payer_id, r.reason or "", _when(r.due_at), _left(r.due_at, now),
+            f"${r.amount_at_risk:,.2f}", str(r.priority),
+        )
+    console.print(table)
+
+
+@cases_app.command("show")
+def case_show(case_id: int, as_json: JsonOpt = False) -> None:
+    """One case: its services, deadline and the full audit trail."""
+    from retroauth.worklist import case_detail
+
+    detail = case_detail(engine(), case_id)
+    if detail is None:
+        raise Exit(f"no case {case_id}")
+    if as_json:
+        emit_json(detail)
+        return
+    c = detail["case"]
+    console.print(f"[bold]Case {c['id']}[/]  {c['status']}  payer {c['payer_id']}  encounter {c['encounter_id']}")
+    console.print(f"reason: {c['reason'] or '-'}  due: {_when(c['due_at'])}  ({c['deadline_rule'] or 'no deadline'})")
+    if c["not_eligible_why"]:
+        console.print(f"[yellow]not eligible: {c['not_eligible_why']}[/]")
+    lines = Table("line", "code", "date", "units", "charge", "rule", title="Services")
+    for ln in detail["service_lines"]:
+        lines.add_row(str(ln["line_number"]), f"{ln['code_system']} {ln['code']}", str(ln["service_date"]),
+                      str(ln["units"]), f"${ln['charge']:,.2f}", ln["rule_category"] or "")
+    console.print(lines)
+    events = Table("when", "event", "from", "to", "run", "details", title="Audit trail")
+    for ev in detail["events"]:
+        events.add_row(_when(ev["occurred_at"]), ev["event"], ev["from_status"] or "", ev["to_status"] or "",
+                       ev["run_id"] or "", json.dumps(ev["details"]) if ev["details"] else "")
+    console.print(events)
+
+
+def _when(t: datetime | None) -> str:
+    if t is None:
+        return "-"
+    return t.astimezone(_facility_zone()).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _left(t: datetime | None, now: datetime) -> str:
+    if t is None:
+        return "-"
+    hours = (t - now).total_seconds() / 3600
+    if hours < 0:
+        return "[red]overdue[/]"
+    return f"{hours:.0f} h" if hours < 48 else f"{hours / 24:.0f} d"
+
+
+@lru_cache(maxsize=1)
+def _facility_zone():  # noqa: ANN202
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(settings().facility_timezone)
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    fixtures: Annotated[Path | None, typer.Option(help="Synthea FHIR export to import.")] = None,
+) -> None:
+    """Run the whole pipeline on the embedded defaults and show what it did."""
+    from flows.demo import run_demo
+
+    run_demo(settings(), console, fixtures=fixtures)
+
+
+def main() -> None:
+    try:
+        app()
+    except SettingsError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise SystemExit(2) from None
+    except Exit as exc:
+        err.print(f"[red]{exc}[/]")
+        raise SystemExit(2) from None

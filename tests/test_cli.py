@@ -1,0 +1,74 @@
+"""The command line as a person uses it: the real entry point in a subprocess, on a temp directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from retroauth.db import current_revision, make_engine
+
+RETROAUTH = [sys.executable, "-c", "from retroauth.cli import main; main()"]
+
+
+def run(args, cwd: Path, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RETROAUTH_")}
+    full_env.update(env)
+    full_env["COLUMNS"] = "160"
+    return subprocess.run([*RETROAUTH, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_init_migrates_and_prepares_storage_with_private_files(tmp_path):
+    r = run(["init"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    db = tmp_path / "var" / "retroauth.db"
+    assert current_revision(make_engine(f"sqlite:///{db}")) is not None
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    assert (tmp_path / "var" / "storage").is_dir()
+    assert run(["init"], tmp_path).returncode == 0  # idempotent
+
+
+def test_bad_setting_stops_with_its_name_and_no_traceback(tmp_path):
+    r = run(["init"], tmp_path, RETROAUTH_FACILITY_TIMEZONE="Nowhere/Land")
+    assert r.returncode == 2
+    assert "RETROAUTH_FACILITY_TIMEZONE" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "var" / "retroauth.db").exists()
+
+
+@pytest.mark.parametrize("cmd", [[], ["init"], ["settings"], ["cases"], ["cases", "list"], ["cases", "show"],
+                                 ["payers"], ["payers", "check"], ["demo"]])
+def test_every_command_has_help(tmp_path, cmd):
+    r = run([*cmd, "--help"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout
+
+
+def test_worklist_json_on_an_empty_database(tmp_path):
+    assert run(["init"], tmp_path).returncode == 0
+    r = run(["cases", "list", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == []
+    r = run(["cases", "show", "999"], tmp_path)
+    assert r.returncode == 2 and "no case 999" in r.stderr
+
+
+def test_payers_check_passes_on_the_shipped_library_and_names_file_field_line_on_bad_ones(tmp_path):
+    from tests.conftest import DATA, ROOT
+
+    r = run(["payers", "check", str(ROOT / "config" / "payers"), "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    ids = {p["id"] for p in json.loads(r.stdout)["payers"]}
+    assert {"medicare-ffs-opd", "synthea-demo-health"} <= ids
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.yaml").write_text((DATA / "bad" / "payers" / "unknown-time-zone.yaml").read_text())
+    r = run(["payers", "check", str(bad)], tmp_path)
+    assert r.returncode == 2
+    assert "x.yaml:" in r.stderr and "time_zone" in r.stderr and "Traceback" not in r.stderr
