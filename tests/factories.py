@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import date, datetime, timezone
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from sqlmodel import Session
 
+from retroauth.db import session_scope
 from retroauth.models import (
     Coverage, Diagnosis, Encounter, Patient, RetroCase, ServiceLine,
 )
@@ -42,3 +45,28 @@ def new_case(session: Session, n: int = 1, status: CaseStatus = CaseStatus.IDENT
     session.add(case)
     session.flush()
     return case
+
+
+CHI = ZoneInfo("America/Chicago")
+_n = itertools.count(1)
+
+
+def add_encounter(engine, *, payer="test-commercial", cls="outpatient", pos="22", admitted=datetime(2026, 11, 13, 10, tzinfo=CHI),
+                  codes=(("CPT", "70551"),), discovered=None, discovery="on_file", admission_type=None,
+                  system_issue=None, npi="1234567893") -> int:
+    n = next(_n)
+    with session_scope(engine) as s:
+        p = Patient(source_system="t", source_id=f"p{n}", family_name="Doe", given_name="Jane")
+        s.add(p)
+        s.flush()
+        s.add(Coverage(patient_id=p.id, payer_id=payer, member_id=f"M{n}", effective_from=date(2026, 1, 1),
+                       discovered_at=discovered or datetime(2026, 1, 2, tzinfo=timezone.utc), discovery_method=discovery))
+        e = Encounter(source_system="t", source_id=f"e{n}", patient_id=p.id, encounter_class=cls, place_of_service=pos,
+                      admitted_at=admitted, timezone="America/Chicago", admission_type=admission_type,
+                      system_issue_reference=system_issue)
+        s.add(e)
+        s.flush()
+        for i, (cs, code) in enumerate(codes, 1):
+            s.add(ServiceLine(encounter_id=e.id, line_number=i, code_system=cs, code=code, charge=Decimal("1000.00"),
+                              units=Decimal("2"), service_date=admitted.astimezone(CHI).date(), rendering_npi=npi))
+        return e.id
