@@ -18,9 +18,12 @@ from rich.table import Table
 from config.settings import Settings
 
 DEMO_PAYER = "synthea-demo-health"
-# The Synthea export's last encounter is in March 2023: the demo sweeps as of the day after.
-SYNTHEA_AS_OF = datetime(2023, 3, 21, 6, 0, tzinfo=ZoneInfo("America/Chicago"))
-SYNTHEA_LOOKBACK_DAYS = 400
+# The Synthea export ends on 2023-03-22: the demo sweeps its whole history as of the next morning.
+# Most of it is long past any payer's window (not eligible, deadline passed): that is the point of
+# a daily sweep. The coverage file has one patient's insurance found late (delayed verification).
+SYNTHEA_AS_OF = datetime(2023, 3, 23, 6, 0, tzinfo=ZoneInfo("America/Chicago"))
+SYNTHEA_LOOKBACK_DAYS = 20_000
+SYNTHEA_COVERAGE = Path(__file__).resolve().parents[1] / "examples" / "synthea-coverage.csv"
 
 
 def find_synthea(explicit: Path | None) -> Path:
@@ -60,7 +63,7 @@ def run_demo(settings: Settings, console: Console, fixtures: Path | None = None)
 
     synthea = find_synthea(fixtures)
     started, t0 = utcnow(), time.perf_counter()
-    summary = import_fhir(engine, storage, synthea, default_payer=DEMO_PAYER)
+    summary = import_fhir(engine, storage, synthea, default_payer=DEMO_PAYER, coverage_csv=SYNTHEA_COVERAGE)
     record_import(engine, "fhir", str(synthea), summary, started)
     counts = Table("resource", "read", "inserted", "unchanged", "errors",
                    title=f"3. imported the Synthea FHIR export ({time.perf_counter() - t0:.1f} s)")

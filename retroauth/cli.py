@@ -31,6 +31,9 @@ app = typer.Typer(
 )
 payers_app = typer.Typer(help="The payer rule library (config/payers/*.yaml).", no_args_is_help=True)
 cases_app = typer.Typer(help="Retro-authorization cases: the worklist and one case's history.", no_args_is_help=True)
+import_app = typer.Typer(help="Bring records in: FHIR bulk exports, CSV files, X12 835 remittances.",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import")
 app.add_typer(payers_app, name="payers")
 app.add_typer(cases_app, name="cases")
 
@@ -97,6 +100,95 @@ def show_settings(as_json: JsonOpt = False) -> None:
 
 def _safe_url(url: str) -> str:
     return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+# --- imports -------------------------------------------------------------------------------------
+
+
+def _report_import(kind: str, source: Path, summary, started, as_json: bool) -> None:  # noqa: ANN001
+    from retroauth.ingest.errors import record_import
+
+    run_id = record_import(engine(), kind, str(source), summary, started)
+    if as_json:
+        emit_json({"import_run": run_id, **summary.as_dict()})
+    else:
+        table = Table("record", "read", "inserted", "updated", "unchanged", "skipped", "errors",
+                      title=f"Import {run_id}: {kind} from {source}")
+        for name, c in sorted(summary.counts.items()):
+            table.add_row(name, *(str(v) for v in (c.read, c.inserted, c.updated, c.unchanged, c.skipped, c.errors)))
+        console.print(table)
+        for p in summary.problems[:20]:
+            err.print(f"[yellow]{p}[/]")
+        if summary.error_count > 20:
+            err.print(f"... {summary.error_count - 20} more: retroauth imports show {run_id}")
+    if summary.error_count:
+        raise SystemExit(1)  # the good records went in; the exit code tells a script some did not
+
+
+def _progress_bar(as_json: bool):  # noqa: ANN202
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} records"),
+                    console=err, disable=as_json)
+
+
+@import_app.command("fhir")
+def import_fhir_cmd(
+    directory: Annotated[Path, typer.Argument(help="Directory of FHIR R4 bulk NDJSON files.", exists=True, file_okay=False)],
+    coverage: Annotated[Path | None, typer.Option(help="Coverage CSV for exports without Coverage resources.")] = None,
+    default_payer: Annotated[str | None, typer.Option(help="Payer id for patients with no coverage in the export.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a FHIR bulk export (Patient, Encounter, Procedure, Condition, DocumentReference, ...)."""
+    from retroauth.ingest.fhir import import_fhir
+    from retroauth.models import utcnow
+
+    started = utcnow()
+    with _progress_bar(as_json) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(resource_type: str, done: int) -> None:
+            if resource_type not in tasks:
+                tasks[resource_type] = bar.add_task(resource_type, total=None)
+            bar.update(tasks[resource_type], completed=done)
+
+        summary = import_fhir(engine(), storage(), directory, coverage_csv=coverage, default_payer=default_payer,
+                              progress=progress)
+    _report_import("fhir", directory, summary, started, as_json)
+
+
+@app.command("imports")
+def imports_cmd(
+    run_id: Annotated[int | None, typer.Argument(help="Show the rejected records of this import run.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Past imports and what each rejected: nothing is dropped silently."""
+    from sqlmodel import Session, select
+
+    from retroauth.models import ImportErrorRecord, ImportRun
+
+    with Session(engine()) as s:
+        if run_id is None:
+            runs = s.exec(select(ImportRun).order_by(ImportRun.id.desc()).limit(limit)).all()
+            if as_json:
+                emit_json([r.model_dump() for r in runs])
+                return
+            table = Table("run", "kind", "source", "started", "records", "rejected", title="Imports")
+            for r in runs:
+                total = sum(c.get("read", 0) for c in (r.counts or {}).values())
+                table.add_row(str(r.id), r.kind, r.source, _when(r.started_at), str(total), str(r.error_count))
+            console.print(table)
+            return
+        errors = s.exec(select(ImportErrorRecord).where(ImportErrorRecord.import_run_id == run_id)
+                        .order_by(ImportErrorRecord.id).limit(limit)).all()
+        if as_json:
+            emit_json([e.model_dump() for e in errors])
+            return
+        table = Table("file", "line", "record", "field", "problem", title=f"Rejected records of import {run_id}")
+        for e in errors:
+            table.add_row(e.file, str(e.line or ""), e.record, e.field, e.message)
+        console.print(table)
 
 
 # --- payers -------------------------------------------------------------------------------------

@@ -277,10 +277,10 @@ def evaluate(f: CaseFacts, payer: PayerRules | None, as_of: datetime) -> Evaluat
         window = payer.retro.window_for(reason)
         if window is None:
             continue
-        rule = f"{payer.id} retro window for {reason.value}: {window.describe()}"
+        rule = f"{payer.id} retro window for {reason.value}"
         anchor_at = _anchor_instant(window.anchor, f, payer.time_zone)
         if anchor_at is None:  # e.g. counts from the remittance and none has come yet
-            options.append((reason, None, rule + " (not started: no remittance yet)"))
+            options.append((reason, None, f"{rule}: {window.describe()} (not started: no remittance yet)"))
             continue
         deadline = window_due(
             anchor_at, window.within.value, window.within.unit, payer.time_zone,

@@ -5,6 +5,8 @@ Every test runs on SQLite and on the real PostgreSQL the suite starts (the ``eng
 
 from __future__ import annotations
 
+from zoneinfo import ZoneInfo
+
 import base64
 import copy
 import hashlib
@@ -392,8 +394,10 @@ def test_default_payer_gives_deterministic_coverage(engine, tmp_path):
     with engine.connect() as conn:
         cov = conn.execute(sa.select(Coverage.__table__)).mappings().one()
     assert cov["member_id"] == demo_member_id(files["Patient"][0]["id"]) and cov["member_id"].startswith("DEMO")
-    assert cov["effective_from"] == date(2000, 1, 1) and cov["effective_to"] is None
     first_visit = datetime.fromisoformat(files["Encounter"][0]["period"]["start"])
+    # covered from the first visit's local date (America/Chicago by default)
+    assert cov["effective_from"] == first_visit.astimezone(ZoneInfo("America/Chicago")).date()
+    assert cov["effective_to"] is None
     assert cov["discovered_at"] == first_visit.astimezone(timezone.utc)
     assert ("Patient", 1) in calls and ("Encounter", 1) in calls and ("default_coverage", 1) in calls
 

@@ -150,7 +150,7 @@ def import_fhir(
       ``patient_source_id, payer_id, member_id, plan_name, effective_from, effective_to, discovered_at,
       discovery_method``; ``patient_source_id`` is the FHIR Patient id).
     - ``default_payer``: every patient of ``source_system`` still without a coverage gets one with
-      this payer: member id ``DEMO`` + a hash of the patient id, effective from 2000-01-01, discovered
+      this payer: member id ``DEMO`` + a hash of the patient id, effective from the first encounter (or 2000-01-01 without one), discovered
       at the patient's first encounter, on file.
     - ``payer_map``: Coverage.payor identifier (``system|value`` or value) or name -> payer id.
 
@@ -1307,6 +1307,7 @@ class _Import:
             items = []
             for p in page:
                 counts.read += 1
+                first = firsts.get(p.id) or start_of_default
                 if p.id in has_other:
                     counts.skipped += 1  # coverage from the export or the CSV wins
                     continue
@@ -1317,9 +1318,10 @@ class _Import:
                     "plan_name": None,
                     "group_number": None,
                     "priority": 1,
-                    "effective_from": DEFAULT_COVERAGE_FROM,
+                    # covered since the first visit: the demo's stand-in for an enrolment date
+                    "effective_from": first.astimezone(_zone(self.tz)).date(),
                     "effective_to": None,
-                    "discovered_at": firsts.get(p.id) or start_of_default,
+                    "discovered_at": first,
                     "discovery_method": CoverageDiscovery.ON_FILE.value,
                 }
                 items.append((_Src("(default payer)", 0, f"default_coverage/{p.source_id}"), row))
