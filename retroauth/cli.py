@@ -157,6 +157,23 @@ def import_fhir_cmd(
     _report_import("fhir", directory, summary, started, as_json)
 
 
+@import_app.command("remit")
+def import_remit_cmd(
+    path: Annotated[Path, typer.Argument(help="An X12 835 file (005010X221A1), or a directory of them.", exists=True)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Import remittance advice: lines denied for missing or invalid authorization (CARC 197, 198,
+    15, 39; RARC M62, N54) are marked with the remittance date, the anchor of denial-based windows."""
+    from retroauth.ingest.remit import import_remit
+    from retroauth.models import utcnow
+
+    started = utcnow()
+    with _progress_bar(as_json) as bar:
+        task = bar.add_task("claims", total=None)
+        summary = import_remit(engine(), path, progress=lambda *a: bar.update(task, completed=a[-1]))
+    _report_import("remit", path, summary, started, as_json)
+
+
 @app.command("imports")
 def imports_cmd(
     run_id: Annotated[int | None, typer.Argument(help="Show the rejected records of this import run.")] = None,

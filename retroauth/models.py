@@ -451,3 +451,28 @@ class ImportErrorRecord(SQLModel, table=True):
     record: str = Field(max_length=160)  # "Encounter/<id>", "encounters.csv row 12", "CLP 4711"
     field: str = Field(max_length=160)
     message: str = Field(max_length=512)
+
+
+# --- documentation packets ---------------------------------------------------------------------------
+
+
+class Packet(SQLModel, table=True):
+    """A case's documentation packet: what is enclosed, what is missing, and the inputs it was built from.
+
+    The manifest (JSON, also stored in object storage under ``manifest_key``) lists each item's type,
+    source id, storage key, sha256, size and whether it is included or missing. ``input_hash`` covers
+    everything the packet was built from, so an unchanged case is not rebuilt.
+    """
+
+    __tablename__ = "packets"
+    __table_args__ = (sa.UniqueConstraint("case_id", name="uq_packets_case"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: int = Field(foreign_key="retro_cases.id")
+    version: int = Field(default=1)
+    input_hash: str = Field(max_length=64)
+    manifest: dict | None = _json()
+    manifest_key: str | None = Field(default=None, max_length=512)
+    complete: bool = False
+    missing: list | None = Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=True))
+    built_at: datetime = _instant(now=True)

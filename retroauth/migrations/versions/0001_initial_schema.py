@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 03:15:29.873356
+Create Date: 2026-11-27 03:34:36.393059
 """
 
 from alembic import op
@@ -315,6 +315,20 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_follow_ups_case_id'), ['case_id'], unique=False)
         batch_op.create_index('ix_follow_ups_open', ['done_at', 'due_at'], unique=False)
 
+    op.create_table('packets',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('case_id', sa.Integer(), nullable=False),
+    sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('input_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('manifest', sa.JSON(), nullable=True),
+    sa.Column('manifest_key', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=True),
+    sa.Column('complete', sa.Boolean(), nullable=False),
+    sa.Column('missing', sa.JSON(), nullable=True),
+    sa.Column('built_at', retroauth.models.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['case_id'], ['retro_cases.id'], ),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('case_id', name='uq_packets_case')
+    )
     op.create_table('submissions',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('case_id', sa.Integer(), nullable=False),
@@ -385,6 +399,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_submissions_status')
 
     op.drop_table('submissions')
+    op.drop_table('packets')
     with op.batch_alter_table('follow_ups', schema=None) as batch_op:
         batch_op.drop_index('ix_follow_ups_open')
         batch_op.drop_index(batch_op.f('ix_follow_ups_case_id'))
