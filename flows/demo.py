@@ -93,4 +93,4 @@ def run_demo(settings: Settings, console: Console, fixtures: Path | None = None)
         wl.add_row(str(r.id), r.payer_id, r.reason or "", f"{r.due_at:%Y-%m-%d %H:%M} UTC" if r.due_at else "-",
                    f"${r.amount_at_risk:,.2f}", str(r.priority))
     console.print(wl)
-    console.print("Next: [bold].venv/bin/retroauth cases list[/] and [bold].venv/bin/retroauth cases show ID[/]")
+    console.print("Next: [bold].venv/bin/retroauth cases[/] and [bold].venv/bin/retroauth case show ID[/]")

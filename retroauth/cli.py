@@ -30,12 +30,12 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals can hold patient data
 )
 payers_app = typer.Typer(help="The payer rule library (config/payers/*.yaml).", no_args_is_help=True)
-cases_app = typer.Typer(help="Retro-authorization cases: the worklist and one case's history.", no_args_is_help=True)
+case_app = typer.Typer(help="One retro-authorization case.", no_args_is_help=True)
 import_app = typer.Typer(help="Bring records in: FHIR bulk exports, CSV files, X12 835 remittances.",
                          no_args_is_help=True)
 app.add_typer(import_app, name="import")
 app.add_typer(payers_app, name="payers")
-app.add_typer(cases_app, name="cases")
+app.add_typer(case_app, name="case")
 
 console = Console()
 err = Console(stderr=True)
@@ -296,7 +296,7 @@ def _aware(t: datetime) -> datetime:
 # --- cases ----------------------------------------------------------------------------------------
 
 
-@cases_app.command("list")
+@app.command("cases")
 def cases_list(
     status: Annotated[list[str] | None, typer.Option(help="Only these states (repeatable).")] = None,
     payer: Annotated[str | None, typer.Option(help="Only this payer id.")] = None,
@@ -324,7 +324,7 @@ def cases_list(
     console.print(table)
 
 
-@cases_app.command("show")
+@case_app.command("show")
 def case_show(case_id: int, as_json: JsonOpt = False) -> None:
     """One case: its services, deadline and the full audit trail."""
     from retroauth.worklist import case_detail

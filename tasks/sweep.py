@@ -45,7 +45,7 @@ def publish_sweep_report(case_ids: list[int], as_of: datetime) -> dict:
         *(f"| {u['case']} | {u['payer']} | {u['reason']} | {u['due'] or '-'} | ${float(u['amount_at_risk']):,.2f} | {u['priority']} |"
           for u in report["most_urgent"]),
         "",
-        "Work them with `retroauth cases list` and `retroauth cases show ID`.",
+        "Work them with `retroauth cases` and `retroauth case show ID`.",
     ]
     create_markdown_artifact("\n".join(lines), key="daily-sweep-urgent", description="Most urgent open cases")
     return report

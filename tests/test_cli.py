@@ -41,7 +41,7 @@ def test_bad_setting_stops_with_its_name_and_no_traceback(tmp_path):
     assert not (tmp_path / "var" / "retroauth.db").exists()
 
 
-@pytest.mark.parametrize("cmd", [[], ["init"], ["settings"], ["cases"], ["cases", "list"], ["cases", "show"],
+@pytest.mark.parametrize("cmd", [[], ["init"], ["settings"], ["cases"], ["case"], ["case", "show"],
                                  ["payers"], ["payers", "check"], ["demo"]])
 def test_every_command_has_help(tmp_path, cmd):
     r = run([*cmd, "--help"], tmp_path)
@@ -51,10 +51,10 @@ def test_every_command_has_help(tmp_path, cmd):
 
 def test_worklist_json_on_an_empty_database(tmp_path):
     assert run(["init"], tmp_path).returncode == 0
-    r = run(["cases", "list", "--json"], tmp_path)
+    r = run(["cases", "--json"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []
-    r = run(["cases", "show", "999"], tmp_path)
+    r = run(["case", "show", "999"], tmp_path)
     assert r.returncode == 2 and "no case 999" in r.stderr
 
 
