@@ -476,3 +476,30 @@ class Packet(SQLModel, table=True):
     complete: bool = False
     missing: list | None = Field(default=None, sa_column=sa.Column(sa.JSON(), nullable=True))
     built_at: datetime = _instant(now=True)
+
+
+class Letter(SQLModel, table=True):
+    """A rendered request or appeal letter: HTML and PDF in storage, and what produced them.
+
+    The same data rendered by the same template is the same letter: the unique key makes a
+    re-render with unchanged inputs a no-op.
+    """
+
+    __tablename__ = "letters"
+    __table_args__ = (
+        sa.UniqueConstraint("case_id", "kind", "appeal_level", "data_hash", "template_hash", name="uq_letters_inputs"),
+        sa.Index("ix_letters_case", "case_id", "version"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: int = Field(foreign_key="retro_cases.id")
+    kind: str = Field(max_length=16)  # request, appeal
+    appeal_level: int = Field(default=0)  # 0 for a request (not NULL: NULLs never collide in a unique key)
+    version: int = Field(default=1)
+    template_name: str = Field(max_length=256)
+    template_hash: str = Field(max_length=64)
+    data_hash: str = Field(max_length=64)
+    html_key: str = Field(max_length=512)
+    pdf_key: str = Field(max_length=512)
+    pdf_sha256: str = Field(max_length=64)
+    created_at: datetime = _instant(now=True)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 03:34:36.393059
+Create Date: 2026-11-27 03:38:24.662847
 """
 
 from alembic import op
@@ -315,6 +315,26 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_follow_ups_case_id'), ['case_id'], unique=False)
         batch_op.create_index('ix_follow_ups_open', ['done_at', 'due_at'], unique=False)
 
+    op.create_table('letters',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('case_id', sa.Integer(), nullable=False),
+    sa.Column('kind', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
+    sa.Column('appeal_level', sa.Integer(), nullable=False),
+    sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('template_name', sqlmodel.sql.sqltypes.AutoString(length=256), nullable=False),
+    sa.Column('template_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('data_hash', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('html_key', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
+    sa.Column('pdf_key', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=False),
+    sa.Column('pdf_sha256', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
+    sa.Column('created_at', retroauth.models.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['case_id'], ['retro_cases.id'], ),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('case_id', 'kind', 'appeal_level', 'data_hash', 'template_hash', name='uq_letters_inputs')
+    )
+    with op.batch_alter_table('letters', schema=None) as batch_op:
+        batch_op.create_index('ix_letters_case', ['case_id', 'version'], unique=False)
+
     op.create_table('packets',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('case_id', sa.Integer(), nullable=False),
@@ -400,6 +420,10 @@ def downgrade() -> None:
 
     op.drop_table('submissions')
     op.drop_table('packets')
+    with op.batch_alter_table('letters', schema=None) as batch_op:
+        batch_op.drop_index('ix_letters_case')
+
+    op.drop_table('letters')
     with op.batch_alter_table('follow_ups', schema=None) as batch_op:
         batch_op.drop_index('ix_follow_ups_open')
         batch_op.drop_index(batch_op.f('ix_follow_ups_case_id'))
