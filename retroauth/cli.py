@@ -157,6 +157,30 @@ def import_fhir_cmd(
     _report_import("fhir", directory, summary, started, as_json)
 
 
+@import_app.command("csv")
+def import_csv_cmd(
+    directory: Annotated[Path, typer.Argument(help="Directory of CSV files in the documented format (examples/csv).",
+                                              exists=True, file_okay=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a practice-management export: patients, coverages, encounters, service lines, diagnoses,
+    authorizations on file, documents and payer outages (format: examples/csv/README.md)."""
+    from retroauth.ingest.csvfiles import import_csv
+    from retroauth.models import utcnow
+
+    started = utcnow()
+    with _progress_bar(as_json) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(record_type: str, done: int) -> None:
+            if record_type not in tasks:
+                tasks[record_type] = bar.add_task(record_type, total=None)
+            bar.update(tasks[record_type], completed=done)
+
+        summary = import_csv(engine(), storage(), directory, progress=progress)
+    _report_import("csv", directory, summary, started, as_json)
+
+
 @import_app.command("remit")
 def import_remit_cmd(
     path: Annotated[Path, typer.Argument(help="An X12 835 file (005010X221A1), or a directory of them.", exists=True)],

@@ -72,3 +72,17 @@ def test_payers_check_passes_on_the_shipped_library_and_names_file_field_line_on
     r = run(["payers", "check", str(bad)], tmp_path)
     assert r.returncode == 2
     assert "x.yaml:" in r.stderr and "time_zone" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_import_with_bad_rows_keeps_every_rejected_record(tmp_path):
+    from tests.conftest import DATA
+
+    assert run(["init"], tmp_path).returncode == 0
+    r = run(["import", "csv", str(DATA / "csv" / "bad_rows"), "--json"], tmp_path)
+    assert r.returncode == 1, r.stderr  # the good rows went in; the exit code says some did not
+    out = json.loads(r.stdout)
+    rejected = sum(c["errors"] for c in out["counts"].values())
+    assert rejected > 0 and sum(c["inserted"] for c in out["counts"].values()) > 0
+    r = run(["imports", str(out["import_run"]), "--json"], tmp_path)
+    kept = json.loads(r.stdout)
+    assert len(kept) == len(out["problems"]) and all(k["file"] and k["field"] for k in kept)
