@@ -82,15 +82,24 @@ def run_demo(settings: Settings, console: Console, fixtures: Path | None = None)
         f"{result['not_eligible']} not eligible"
     )
 
+    from flows.assemble import assemble_documentation
+
+    t0 = time.perf_counter()
+    packets = assemble_documentation(as_of=SYNTHEA_AS_OF)
+    waiting = "; ".join(f"case {c}: {', '.join(m)}" for c, m in sorted(packets["missing"].items())) or "none"
+    console.print(f"5. documentation packets ({time.perf_counter() - t0:.1f} s, through Prefect): "
+                  f"{packets['built']} built, {packets['ready']} ready, {packets['awaiting']} awaiting "
+                  f"documentation ({waiting})")
+
     states = Table("status", "cases", title="Cases by status")
     for status, n in status_counts(engine).items():
         states.add_row(status, str(n))
     console.print(states)
 
-    rows = worklist(engine, states=["identified"], limit=15)
-    wl = Table("case", "payer", "reason", "due", "at risk", "priority", title="Worklist: most urgent first")
+    rows = worklist(engine, states=["identified", "awaiting_documentation", "ready"], limit=15)
+    wl = Table("case", "status", "payer", "reason", "due", "at risk", "priority", title="Worklist: most urgent first")
     for r in rows:
-        wl.add_row(str(r.id), r.payer_id, r.reason or "", f"{r.due_at:%Y-%m-%d %H:%M} UTC" if r.due_at else "-",
+        wl.add_row(str(r.id), r.status, r.payer_id, r.reason or "", f"{r.due_at:%Y-%m-%d %H:%M} UTC" if r.due_at else "-",
                    f"${r.amount_at_risk:,.2f}", str(r.priority))
     console.print(wl)
     console.print("Next: [bold].venv/bin/retroauth cases[/] and [bold].venv/bin/retroauth case show ID[/]")

@@ -36,6 +36,8 @@ import_app = typer.Typer(help="Bring records in: FHIR bulk exports, CSV files, X
 app.add_typer(import_app, name="import")
 app.add_typer(payers_app, name="payers")
 app.add_typer(case_app, name="case")
+packets_app = typer.Typer(help="Documentation packets: what each case encloses or still lacks.", no_args_is_help=True)
+app.add_typer(packets_app, name="packets")
 
 console = Console()
 err = Console(stderr=True)
@@ -369,11 +371,68 @@ def case_show(case_id: int, as_json: JsonOpt = False) -> None:
         lines.add_row(str(ln["line_number"]), f"{ln['code_system']} {ln['code']}", str(ln["service_date"]),
                       str(ln["units"]), f"${ln['charge']:,.2f}", ln["rule_category"] or "")
     console.print(lines)
+    if detail["packet"]:
+        _packet_table(detail["packet"])
     events = Table("when", "event", "from", "to", "run", "details", title="Audit trail")
     for ev in detail["events"]:
         events.add_row(_when(ev["occurred_at"]), ev["event"], ev["from_status"] or "", ev["to_status"] or "",
                        ev["run_id"] or "", json.dumps(ev["details"]) if ev["details"] else "")
     console.print(events)
+
+
+# --- packets --------------------------------------------------------------------------------------
+
+
+@packets_app.command("build")
+def packets_build(
+    case: Annotated[list[int] | None, typer.Option("--case", help="Only this case id (repeatable).")] = None,
+    as_of: Annotated[datetime | None, typer.Option(help="Build as of this time (facility zone); default now.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Assemble (or check again) the packets of cases that need one; unchanged ones are not rebuilt."""
+    from retroauth.cases import Actor
+    from retroauth.documents import assemble, cases_needing_packets
+    from retroauth.rules import load_rule_library
+
+    when = _aware(as_of) if as_of else datetime.now(timezone.utc)
+    ids = case or cases_needing_packets(engine())
+    result = assemble(engine(), storage(), load_rule_library(settings().payer_rules_dir), ids,
+                      actor=Actor(name="cli"), as_of=when)
+    if as_json:
+        emit_json(result.as_dict())
+        return
+    console.print(f"{len(ids)} cases: {result.built} packets built, {result.unchanged} unchanged, "
+                  f"{result.ready} ready, {result.awaiting} awaiting documentation")
+    if result.missing:
+        table = Table("case", "missing", title="Waiting for documents")
+        for cid, missing in sorted(result.missing.items()):
+            table.add_row(str(cid), ", ".join(missing))
+        console.print(table)
+
+
+@packets_app.command("show")
+def packets_show(case_id: int, as_json: JsonOpt = False) -> None:
+    """The packet of one case: each enclosure, where it came from, and what is still missing."""
+    from retroauth.worklist import case_detail
+
+    detail = case_detail(engine(), case_id)
+    if detail is None or detail["packet"] is None:
+        raise Exit(f"no packet for case {case_id}")
+    if as_json:
+        emit_json(detail["packet"])
+        return
+    _packet_table(detail["packet"])
+
+
+def _packet_table(packet: dict) -> None:
+    state = "complete" if packet["complete"] else "missing: " + ", ".join(packet["missing"] or [])
+    table = Table("item", "what", "status", "source", "sha256",
+                  title=f"Documentation packet v{packet['version']} ({state})")
+    for item in packet["items"]:
+        status = "[green]included[/]" if item["status"] == "included" else f"[red]{item['status']}[/]"
+        table.add_row(item["type"], item.get("label") or "", status, str(item.get("source") or ""),
+                      (item.get("sha256") or "")[:12])
+    console.print(table)
 
 
 def _when(t: datetime | None) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from retroauth.models import CaseEvent, CaseServiceLine, RetroCase, ServiceLine
+from retroauth.models import CaseEvent, CaseServiceLine, Packet, RetroCase, ServiceLine
 
 
 def worklist(
@@ -50,6 +50,7 @@ def case_detail(engine: sa.Engine, case_id: int) -> dict[str, Any] | None:
             .where(CaseServiceLine.case_id == case_id)
             .order_by(ServiceLine.service_date, ServiceLine.line_number)
         ).all()
+        packet = s.exec(select(Packet).where(Packet.case_id == case_id)).first()
         events = s.exec(select(CaseEvent).where(CaseEvent.case_id == case_id).order_by(CaseEvent.occurred_at, CaseEvent.id)).all()
         return {
             "case": case.model_dump(),
@@ -58,6 +59,12 @@ def case_detail(engine: sa.Engine, case_id: int) -> dict[str, Any] | None:
                  "rule_category": cat}
                 for ln, cat in lines
             ],
+            "packet": None if packet is None else {
+                "version": packet.version, "complete": packet.complete, "missing": packet.missing,
+                "manifest_key": packet.manifest_key,
+                "items": [{k: item.get(k) for k in ("type", "label", "status", "source", "storage_key", "sha256", "why")}
+                          for item in (packet.manifest or {}).get("items", [])],
+            },
             "events": [e.model_dump(exclude={"case_id"}) for e in events],
         }
 

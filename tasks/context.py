@@ -12,6 +12,7 @@ from config.settings import Settings, load_settings
 from retroauth.cases import Actor
 from retroauth.db import make_engine
 from retroauth.rules import RuleLibrary, load_rule_library
+from retroauth.storage import Storage, open_storage
 
 
 @lru_cache(maxsize=1)
@@ -29,6 +30,21 @@ def engine() -> sa.Engine:
     return _engines[url]
 
 
+_storages: dict[str, Storage] = {}
+
+
+def storage() -> Storage:
+    """The configured object storage; S3 options apply to s3:// URLs only. One per URL and process
+    (an S3 client takes a fraction of a second to build and is safe to share across threads)."""
+    s = settings()
+    if s.storage_url not in _storages:
+        options: dict[str, object] = {}
+        if s.storage_url.startswith("s3://"):
+            options = {"endpoint_url": s.s3_endpoint_url, "sse": s.s3_sse, "kms_key_id": s.s3_kms_key_id}
+        _storages[s.storage_url] = open_storage(s.storage_url, **options)
+    return _storages[s.storage_url]
+
+
 def rule_library() -> RuleLibrary:
     return load_rule_library(settings().payer_rules_dir)
 
@@ -43,6 +59,7 @@ def reset() -> None:
     for e in list(_engines.values()):
         e.dispose()
     _engines.clear()
+    _storages.clear()
     settings.cache_clear()
 
 
