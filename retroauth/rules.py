@@ -115,16 +115,23 @@ def snomed_check_digit_ok(sctid: str) -> bool:
     return c == 0
 
 
-def _code_problem(system: CodeSystem, code: str) -> str | None:
-    """Why ``code`` is not a well-formed code of ``system``, or None."""
+def code_problem(system: CodeSystem, code: str) -> str | None:
+    """Why ``code`` is not a well-formed code of ``system``, or None. The message describes the
+    shape and never repeats the code (importers report it next to patient records)."""
     pattern, shape = _CODE_FORMATS[system]
     if not pattern.fullmatch(code):
-        return f"{code!r} is not a {system.value} code ({shape})"
+        return f"not a well-formed {system.value} code ({shape})"
     if system is CodeSystem.LOINC and not loinc_check_digit_ok(code):
-        return f"{code!r} has a wrong LOINC check digit"
+        return "wrong LOINC check digit"
     if system is CodeSystem.SNOMED and not snomed_check_digit_ok(code):
-        return f"{code!r} has a wrong SNOMED CT check digit"
+        return "wrong SNOMED CT check digit"
     return None
+
+
+def _code_problem(system: CodeSystem, code: str) -> str | None:
+    """``code_problem`` naming the code: in a payer file the code is the useful part of the message."""
+    problem = code_problem(system, code)
+    return f"{code!r}: {problem}" if problem else None
 
 
 def _shape(code: str) -> str:

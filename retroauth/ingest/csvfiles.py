@@ -75,7 +75,7 @@ from retroauth.models import (
     Authorization, AuthorizationCode, ClinicalDocument, Coverage, Diagnosis, Encounter, Patient, PayerOutage,
     ServiceLine,
 )  # fmt: skip
-from retroauth.rules import _CODE_FORMATS, loinc_check_digit_ok, snomed_check_digit_ok
+from retroauth.rules import code_problem
 from retroauth.storage import Storage, StorageError, key, sha256_hex
 from retroauth.vocab import AdmissionType, CodeSystem, CoverageDiscovery, EncounterClass
 
@@ -315,19 +315,6 @@ class Fields:
 @lru_cache(maxsize=32)
 def _choices(members: tuple[StrEnum, ...]) -> dict[str, str]:
     return {m.value.lower(): m.value for m in members}
-
-
-def code_problem(system: CodeSystem, code: str) -> str | None:
-    """Why ``code`` is not a well-formed code of ``system`` (the rule library's formats), or None.
-    The message describes the shape and never repeats the code."""
-    pattern, shape = _CODE_FORMATS[system]
-    if not pattern.fullmatch(code):
-        return f"not a well-formed {system.value} code ({shape})"
-    if system is CodeSystem.LOINC and not loinc_check_digit_ok(code):
-        return "wrong LOINC check digit"
-    if system is CodeSystem.SNOMED and not snomed_check_digit_ok(code):
-        return "wrong SNOMED CT check digit"
-    return None
 
 
 def _decoded(fh: IO[bytes]) -> Iterator[str]:

@@ -64,6 +64,7 @@ from retroauth.db import session_scope
 from retroauth.ingest.errors import FieldError, ImportProblem, ImportSummary, IngestError
 from retroauth.ingest.upsert import UpsertResult, too_long, upsert
 from retroauth.models import ClinicalDocument, Coverage, Diagnosis, Encounter, Patient, ServiceLine
+from retroauth.rules import code_problem
 from retroauth.storage import Storage, StorageError, key, sha256_hex
 from retroauth.vocab import (
     CODE_SYSTEM_URIS,
@@ -290,8 +291,11 @@ def _pick_code(concept: Any, preference: Sequence[CodeSystem], field: str) -> tu
     for system in preference:
         if system in found:
             coding = found[system]
+            code = coding["code"].strip()
+            if problem := code_problem(system, code):
+                raise FieldError(f"{field}.coding.code", problem)
             display = coding.get("display") or _as_dict(concept).get("text")
-            return system, coding["code"].strip(), _clip(display, 512)
+            return system, code, _clip(display, 512)
     raise FieldError(f"{field}.coding", "no code in a supported code system")
 
 
