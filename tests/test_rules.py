@@ -110,7 +110,7 @@ def test_review_sla_defaults_are_cms_0057(library: RuleLibrary) -> None:
 
 def test_documents_and_calendar(library: RuleLibrary) -> None:
     docs = library["synthea-demo-health"].documents
-    assert docs.required(["advanced-imaging"], "emergency", "emergency") == ["34117-2", "51847-2", "34111-5"]
+    assert docs.required(["advanced-imaging"], "emergency", "emergency") == ["34117-2", "34111-5"]
     emblem = library["emblemhealth"]
     assert not emblem.calendar().is_business_day(date(2026, 12, 24))  # a payer closure
     assert emblem.calendar().is_business_day(date(2026, 12, 23))
@@ -241,10 +241,10 @@ def test_demo_payer_finds_a_few_dozen_lines_in_the_fixture(library: RuleLibrary)
         ("CPT", "9581-95811", "same length"),
         ("HCPCS", "J0585-K0588", "same letters"),
         ("CPT", "15820-", "start and an end"),
-        ("CPT", "J0585", "not a CPT code"),
+        ("CPT", "J0585", "not a well-formed CPT code"),
         ("SNOMED", "73761001-73761999", "no order"),
         ("SNOMED", "73761002", "check digit"),
-        ("REV", "450", "not a REV code"),
+        ("REV", "450", "not a well-formed REV code"),
     ],
 )
 def test_bad_code_entries(system: str, entry: str, message: str) -> None:
