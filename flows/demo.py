@@ -23,6 +23,7 @@ DEMO_PAYER = "synthea-demo-health"
 # a daily sweep. The coverage file has one patient's insurance found late (delayed verification).
 SYNTHEA_AS_OF = datetime(2023, 3, 23, 6, 0, tzinfo=ZoneInfo("America/Chicago"))
 SYNTHEA_LOOKBACK_DAYS = 20_000
+DEMO_DAY_ENCOUNTERS = 3000  # a mid-size hospital's day
 SYNTHEA_COVERAGE = Path(__file__).resolve().parents[1] / "examples" / "synthea-coverage.csv"
 
 
@@ -91,13 +92,37 @@ def run_demo(settings: Settings, console: Console, fixtures: Path | None = None)
                   f"{packets['built']} built, {packets['ready']} ready, {packets['awaiting']} awaiting "
                   f"documentation ({waiting})")
 
+    # A generated day at hospital scale, swept as of now: the live worklist.
+    from datetime import timedelta, timezone
+
+    from retroauth.generate import generate
+    from retroauth.rules import load_rule_library
+
+    now = datetime.now(timezone.utc)
+    yesterday = (now.astimezone(ZoneInfo(settings.facility_timezone)) - timedelta(days=1)).date()
+    t0 = time.perf_counter()
+    gen = generate(engine, load_rule_library(settings.payer_rules_dir), encounters=DEMO_DAY_ENCOUNTERS, seed=1,
+                   days=1, end=yesterday, documents=True, storage=storage)
+    console.print(f"6. generated yesterday ({yesterday}) at hospital scale ({time.perf_counter() - t0:.1f} s): "
+                  f"{gen.encounters:,} encounters, {gen.service_lines:,} services, {gen.auth_required_lines:,} "
+                  f"needing authorization, {gen.unauthorized_lines:,} without one"
+                  + (" (already there from an earlier demo)" if gen.skipped else ""))
+    t0 = time.perf_counter()
+    result = daily_sweep(as_of=now)
+    packets = assemble_documentation(as_of=now)
+    console.print(f"7. today's sweep and packets ({time.perf_counter() - t0:.1f} s, through Prefect): "
+                  f"{result['cases_created']} new cases, {result['not_eligible']} not eligible, "
+                  f"{result['expired']} expired; {packets['built']} packets built, {packets['ready']} ready, "
+                  f"{packets['awaiting']} awaiting documentation")
+
     states = Table("status", "cases", title="Cases by status")
     for status, n in status_counts(engine).items():
         states.add_row(status, str(n))
     console.print(states)
 
     rows = worklist(engine, states=["identified", "awaiting_documentation", "ready"], limit=15)
-    wl = Table("case", "status", "payer", "reason", "due", "at risk", "priority", title="Worklist: most urgent first")
+    wl = Table("case", "status", "payer", "reason", "due", "at risk", "priority",
+               title="Worklist: most urgent first (retroauth cases)")
     for r in rows:
         wl.add_row(str(r.id), r.status, r.payer_id, r.reason or "", f"{r.due_at:%Y-%m-%d %H:%M} UTC" if r.due_at else "-",
                    f"${r.amount_at_risk:,.2f}", str(r.priority))

@@ -234,6 +234,58 @@ def imports_cmd(
         console.print(table)
 
 
+# --- synthetic data -------------------------------------------------------------------------------
+
+
+@app.command("generate")
+def generate_cmd(
+    encounters: Annotated[int, typer.Option(help="How many encounters (about 2.9 service lines each).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Same seed and options, same data; a rerun changes nothing.")] = 1,
+    days: Annotated[int, typer.Option(help="Spread over this many days ...")] = 1,
+    end: Annotated[datetime | None, typer.Option(help="... ending on this day (default today).")] = None,
+    payer: Annotated[list[str] | None, typer.Option(help="Only these payer ids (default: every CPT/HCPCS payer).")] = None,
+    extra_payers: Annotated[int, typer.Option(help="Also this many synthetic payers cloned from the shipped ones.")] = 0,
+    write_payers: Annotated[Path | None, typer.Option(help="Write the synthetic payers' rule files here (a sweep needs them).")] = None,
+    documents: Annotated[bool, typer.Option(help="Also write placeholder note bodies to storage.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Synthetic patients, encounters, services, diagnoses, documents and authorizations on file at
+    realistic proportions, written in bulk: for demos, benchmarks and load tests. Nobody in it is real."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from retroauth.generate import SYNTHETIC_PREFIX, GenerateError, generate, write_payer_files
+    from retroauth.rules import load_rule_library
+
+    day = (end or datetime.now(_facility_zone())).date()
+    with Progress(TextColumn("generating encounters"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, disable=as_json) as bar:
+        task = bar.add_task("generate", total=encounters)
+        try:
+            summary = generate(engine(), load_rule_library(settings().payer_rules_dir), encounters=encounters,
+                               seed=seed, days=days, end=day, payer_ids=payer, extra_payers=extra_payers,
+                               documents=documents, storage=storage() if documents else None,
+                               progress=lambda n: bar.update(task, completed=n))
+        except GenerateError as exc:
+            raise Exit(str(exc)) from None
+    if write_payers and extra_payers:
+        write_payer_files(summary.library, [p for p in summary.payer_ids if p.startswith(SYNTHETIC_PREFIX)],
+                          write_payers)
+    out = summary.as_dict()
+    if as_json:
+        emit_json(out)
+        return
+    if summary.skipped:
+        console.print(f"set gen:{seed} with these options is already there: nothing written")
+    from retroauth.generate import TABLES
+
+    table = Table("table", "rows", title=f"Generated set gen:{seed} ({summary.seconds:.1f} s)")
+    for name in TABLES:
+        table.add_row(name, f"{out[name]:,}")
+    console.print(table)
+    console.print(f"{summary.auth_required_lines:,} services need authorization; "
+                  f"{summary.unauthorized_lines:,} have none on file (what the next sweep will find)")
+
+
 # --- payers -------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from retroauth.cases import Actor, record_event, transition, transition_many
-from retroauth.db import session_scope
+from retroauth.db import refresh_statistics, session_scope
 from retroauth.deadlines import Deadline, start_of_day, window_due
 from retroauth.ingest.upsert import upsert
 from retroauth.matching import uncovered_lines
@@ -124,6 +124,7 @@ def sweep(
     payers = list(payer_ids) if payer_ids else list(library)
     for p in payers:
         library[p]  # an unknown payer id fails here, naming the known ones
+    refresh_statistics(engine)
     until = as_of
     since = as_of - timedelta(days=lookback_days)
     window = [Encounter.admitted_at >= since, Encounter.admitted_at < until]
@@ -143,7 +144,7 @@ def sweep(
             ).scalars().all()
             if not page:
                 break
-            _sweep_batch(s, library, payers, list(page), as_of, actor, result)
+            _sweep_batch(s, library, payers, list(page), as_of, actor, result, only_payers=bool(payer_ids))
         last_id = page[-1]
         result.encounters_scanned += len(page)
         if progress:
@@ -154,8 +155,9 @@ def sweep(
 
 
 def _sweep_batch(s: Session, library: RuleLibrary, payers: list[str], encounter_ids: list[int], as_of: datetime,
-                 actor: Actor, result: SweepResult) -> None:
-    rows = s.execute(uncovered_lines(encounter_ids, payers)).all()
+                 actor: Actor, result: SweepResult, only_payers: bool) -> None:
+    # (A payer filter only when asked: it tempts SQLite's planner to start from coverages.)
+    rows = s.execute(uncovered_lines(encounter_ids, payers if only_payers else None)).all()
     result.lines_uncovered += len({r.service_line_id for r in rows})
     groups: dict[tuple[int, str], list] = {}
     for r in rows:
