@@ -66,11 +66,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
-from retroauth.db import session_scope
 from retroauth.identifiers import npi_is_valid
 from retroauth.ingest.errors import FieldError, ImportProblem, ImportSummary, IngestError
 from retroauth.ingest.fhir import Progress
-from retroauth.ingest.upsert import UpsertResult, too_long, upsert
+from retroauth.ingest.upsert import UpsertResult, too_long, upsert, write_batch
 from retroauth.models import (
     Authorization, AuthorizationCode, ClinicalDocument, Coverage, Diagnosis, Encounter, Patient, PayerOutage,
     ServiceLine,
@@ -152,7 +151,6 @@ _EXTENSIONS = {"text/plain": "txt", "text/html": "html", "application/pdf": "pdf
                "application/rtf": "rtf", "text/xml": "xml", "application/xml": "xml", "application/json": "json",
                "image/tiff": "tiff", "image/jpeg": "jpg", "image/png": "png"}  # fmt: skip
 _EARLIEST = date(1880, 1, 1)  # before this a date is a typo, not a birth or a service
-_ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)  # what one row can cause (not a lost connection)
 
 
 def import_csv(
@@ -526,28 +524,8 @@ class _Import:
         items: list[tuple[_Src, T]],
         write: Callable[[Session, list[tuple[_Src, T]]], UpsertResult],
     ) -> None:
-        """One transaction for the batch; if the database rejects a row of it, one per row, so that the
-        bad row is reported and the others go in. Other database errors (no connection, no table) are
-        not about a row: they end the import instead of turning every row into a problem."""
-        if not items:
-            return
-        try:
-            with session_scope(self.engine) as session:
-                result = write(session, items)
-            self._count(record, result, items)
-            return
-        except _ROW_ERRORS:
-            if len(items) == 1:
-                self._problem(items[0][0], "(row)", "the database rejected the row (constraint or type)")
-                return
-        for item in items:
-            try:
-                with session_scope(self.engine) as session:
-                    result = write(session, [item])
-                self._count(record, result, [item])
-            except _ROW_ERRORS:
-                # The database's message can quote values (PostgreSQL's DETAIL does): never pass it on.
-                self._problem(item[0], "(row)", "the database rejected the row (constraint or type)")
+        write_batch(self.engine, items, write, counted=lambda result, done: self._count(record, result, done),
+                    rejected=lambda src: self._problem(src, "(row)", "the database rejected the row (constraint or type)"))
 
     def _count(self, record: str, result: UpsertResult, items: list[tuple[_Src, Any]]) -> None:
         counts = self.summary.of(record)

@@ -60,9 +60,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlalchemy as sa
 from sqlmodel import Session, SQLModel
 
-from retroauth.db import session_scope
 from retroauth.ingest.errors import FieldError, ImportProblem, ImportSummary, IngestError
-from retroauth.ingest.upsert import UpsertResult, too_long, upsert
+from retroauth.ingest.upsert import UpsertResult, too_long, upsert, write_batch
 from retroauth.models import ClinicalDocument, Coverage, Diagnosis, Encounter, Patient, ServiceLine
 from retroauth.rules import code_problem
 from retroauth.storage import Storage, StorageError, key, sha256_hex
@@ -92,7 +91,6 @@ _DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]
 _PARTIAL_DATE = re.compile(r"^\d{4}(-\d{2})?$")
 _BATCH_BYTES = 32 * 1024 * 1024  # a batch of big documents is cut short to keep memory flat
 _PUT_THREADS = 8
-_ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)  # what one bad row makes the database raise
 
 # Billing code systems first: a CPT code on a Procedure is what payer rules are written in.
 _PROCEDURE_PREFERENCE = (CodeSystem.CPT, CodeSystem.HCPCS, CodeSystem.ICD10PCS, CodeSystem.SNOMED)
@@ -572,30 +570,8 @@ class _Import:
         items: list[tuple[_Src, T]],
         write: Callable[[Session, list[tuple[_Src, T]]], UpsertResult],
     ) -> None:
-        """One transaction for the batch; if the database rejects it, one per resource, so the one
-        bad resource is reported and the others go in."""
-        if not items:
-            return
-        try:
-            with session_scope(self.engine) as session:
-                result = write(session, items)
-            self._count(counts_key, result, len(items))
-            return
-        except _ROW_ERRORS:
-            if len(items) == 1:
-                self._rejected(items[0][0])
-                return
-        for item in items:  # anything else (the database is down) is not one row's fault: it raises
-            try:
-                with session_scope(self.engine) as session:
-                    result = write(session, [item])
-                self._count(counts_key, result, 1)
-            except _ROW_ERRORS:
-                self._rejected(item[0])
-
-    def _rejected(self, src: _Src) -> None:
-        # The database's message can quote values (PostgreSQL's DETAIL does): never pass it on.
-        self._problem(src, "(row)", "the database rejected the row (constraint or type)")
+        write_batch(self.engine, items, write, counted=lambda result, done: self._count(counts_key, result, len(done)),
+                    rejected=lambda src: self._problem(src, "(row)", "the database rejected the row (constraint or type)"))
 
     def _count(self, counts_key: str, result: UpsertResult, n_items: int) -> None:
         counts = self.summary.of(counts_key)

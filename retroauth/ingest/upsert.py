@@ -7,7 +7,7 @@ so that a row whose values did not change is not touched at all.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -185,3 +185,41 @@ def too_long(model: type[SQLModel], row: Mapping[str, Any]) -> list[str]:
 @lru_cache(maxsize=None)
 def _string_lengths(table: sa.Table) -> dict[str, int]:
     return {c.name: c.type.length for c in table.c if getattr(c.type, "length", None) is not None}
+
+
+# What one bad row makes the database raise (not a lost connection or a missing table: those are
+# not a row's fault and end the import instead of turning every row into a problem).
+ROW_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError)
+
+
+def write_batch(
+    engine: sa.Engine,
+    items: Sequence[tuple[Any, Any]],
+    write: Callable[[Session, list[tuple[Any, Any]]], UpsertResult],
+    *,
+    counted: Callable[[UpsertResult, list[tuple[Any, Any]]], None],
+    rejected: Callable[[Any], None],
+) -> None:
+    """Write ``(source, row)`` items in one transaction; if the database rejects a row of them, again
+    one transaction per item, so the bad one is reported (``rejected(source)``) and the rest go in.
+    Each record is all-or-nothing; the database's own message is never passed on (PostgreSQL's
+    DETAIL can quote values)."""
+    from retroauth.db import session_scope
+
+    if not items:
+        return
+    batches = [list(items)]
+    try:
+        with session_scope(engine) as session:
+            result = write(session, batches[0])
+        counted(result, batches[0])
+        return
+    except ROW_ERRORS:
+        batches = [[item] for item in items]
+    for batch in batches:
+        try:
+            with session_scope(engine) as session:
+                result = write(session, batch)
+            counted(result, batch)
+        except ROW_ERRORS:
+            rejected(batch[0][0])
