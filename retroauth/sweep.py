@@ -18,13 +18,14 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from retroauth.cases import Actor, record_event, transition, transition_many
+from retroauth.cases import Actor, record_event, transition_many
 from retroauth.db import refresh_statistics, session_scope
 from retroauth.deadlines import Deadline, start_of_day, window_due
 from retroauth.ingest.upsert import upsert
 from retroauth.matching import uncovered_lines
 from retroauth.models import (
-    CaseServiceLine, Coverage, Encounter, PayerAuthPartner, PayerAuthRule, PayerOutage, RetroCase, ServiceLine,
+    CaseEvent, CaseServiceLine, Coverage, Encounter, PayerAuthPartner, PayerAuthRule, PayerOutage, RetroCase, ServiceLine,
+    utcnow,
 )
 from retroauth.rules import PayerRules, RuleLibrary, code_family
 from retroauth.vocab import DELAY_REASON_CODES, AdmissionType, Anchor, CaseStatus, CoverageDiscovery, EncounterClass
@@ -112,7 +113,7 @@ def sweep(
     actor: Actor = Actor(),
     encounter_ids: Sequence[int] | None = None,
     payer_ids: Sequence[str] | None = None,
-    batch_size: int = 500,
+    batch_size: int = 2000,
     progress=None,  # noqa: ANN001 - optional callable(encounters_done)
 ) -> SweepResult:
     """Find and evaluate cases for encounters admitted in [as_of - lookback_days, as_of).
@@ -316,8 +317,12 @@ def priority(deadline: Deadline | None, amount: Decimal, as_of: datetime) -> int
 
 def evaluate_cases(s: Session, library: RuleLibrary, case_ids: Iterable[int], as_of: datetime,
                    actor: Actor) -> EvaluateResult:
-    """Evaluate identified / not-eligible cases and write what changed, with audit events."""
+    """Evaluate identified / not-eligible cases and write what changed, with audit events: the new
+    values in one executemany, the state moves in one statement per direction, the events in one insert."""
     out = EvaluateResult()
+    values_by_case: dict[int, dict] = {}
+    details: dict[int, dict] = {}
+    moves: dict[tuple[str, str], list[int]] = {}
     for f in case_facts(s, list(case_ids)):
         if f.status not in (CaseStatus.IDENTIFIED, CaseStatus.NOT_ELIGIBLE):
             continue
@@ -331,20 +336,29 @@ def evaluate_cases(s: Session, library: RuleLibrary, case_ids: Iterable[int], as
         )
         if tuple(values.values()) == f.current:
             continue  # nothing changed: write nothing
-        out.changed += 1
-        case = s.get(RetroCase, f.case_id)
+        values_by_case[f.case_id] = values
+        details[f.case_id] = {"reason": ev.reason.value, "not_eligible_why": ev.not_eligible_why,
+                              "due_at": values["due_at"].isoformat() if values["due_at"] else None}
         target = CaseStatus.NOT_ELIGIBLE if ev.not_eligible_why else CaseStatus.IDENTIFIED
-        if ev.not_eligible_why:
-            out.not_eligible += 1
-        details = {"reason": ev.reason.value, "not_eligible_why": ev.not_eligible_why,
-                   "due_at": values["due_at"].isoformat() if values["due_at"] else None}
-        if target != case.status:
-            transition(s, case, target, actor=actor, details=details, **values)
-        else:
-            s.execute(sa.update(RetroCase).where(RetroCase.id == case.id)
-                      .values(**values, updated_at=as_of, version=RetroCase.version + 1))
-            record_event(s, case.id, "evaluated", actor=actor, details=details)
-    s.flush()
+        out.not_eligible += target == CaseStatus.NOT_ELIGIBLE
+        if target != f.status:
+            moves.setdefault((f.status, target), []).append(f.case_id)
+    if not values_by_case:
+        return out
+    out.changed = len(values_by_case)
+    ids = list(values_by_case)
+    now = utcnow()  # audit times are real times, whatever day the sweep runs "as of"
+    s.execute(sa.update(RetroCase), [dict(id=cid, updated_at=now, **v) for cid, v in values_by_case.items()])
+    s.execute(sa.update(RetroCase).where(RetroCase.id.in_(ids)).values(version=RetroCase.version + 1)
+              .execution_options(synchronize_session=False))
+    moved: set[int] = set()
+    for (source, target), cids in moves.items():
+        moved |= set(transition_many(s, cids, target, from_statuses=[source], actor=actor, details=details))
+    stayed = [cid for cid in ids if cid not in moved]
+    if stayed:
+        s.execute(sa.insert(CaseEvent), [
+            dict(case_id=cid, occurred_at=now, run_id=actor.run_id, actor=actor.name, event="evaluated",
+                 details=details[cid]) for cid in stayed])
     return out
 
 
