@@ -92,6 +92,16 @@ def run_demo(settings: Settings, console: Console, fixtures: Path | None = None)
                   f"{packets['built']} built, {packets['ready']} ready, {packets['awaiting']} awaiting "
                   f"documentation ({waiting})")
 
+    from flows.render import render_letters
+
+    t0 = time.perf_counter()
+    letters = render_letters(as_of=SYNTHEA_AS_OF)
+    console.print(f"6. request letters ({time.perf_counter() - t0:.1f} s, through Prefect): {letters['rendered']} "
+                  f"rendered (HTML and PDF), {letters['moved']} cases now letter_rendered"
+                  + (f", failed: {letters['failed']}" if letters["failed"] else ""))
+    for case_id in list(letters["letters"])[:5]:
+        console.print(f"   case {case_id}: [bold].venv/bin/retroauth letter {case_id} --out case-{case_id}.pdf[/]")
+
     # A generated day at hospital scale, swept as of now: the live worklist.
     from datetime import timedelta, timezone
 
@@ -103,14 +113,14 @@ def run_demo(settings: Settings, console: Console, fixtures: Path | None = None)
     t0 = time.perf_counter()
     gen = generate(engine, load_rule_library(settings.payer_rules_dir), encounters=DEMO_DAY_ENCOUNTERS, seed=1,
                    days=1, end=yesterday, documents=True, storage=storage)
-    console.print(f"6. generated yesterday ({yesterday}) at hospital scale ({time.perf_counter() - t0:.1f} s): "
+    console.print(f"7. generated yesterday ({yesterday}) at hospital scale ({time.perf_counter() - t0:.1f} s): "
                   f"{gen.encounters:,} encounters, {gen.service_lines:,} services, {gen.auth_required_lines:,} "
                   f"needing authorization, {gen.unauthorized_lines:,} without one"
                   + (" (already there from an earlier demo)" if gen.skipped else ""))
     t0 = time.perf_counter()
     result = daily_sweep(as_of=now)
     packets = assemble_documentation(as_of=now)
-    console.print(f"7. today's sweep and packets ({time.perf_counter() - t0:.1f} s, through Prefect): "
+    console.print(f"8. today's sweep and packets ({time.perf_counter() - t0:.1f} s, through Prefect): "
                   f"{result['cases_created']} new cases, {result['not_eligible']} not eligible, "
                   f"{result['expired']} expired; {packets['built']} packets built, {packets['ready']} ready, "
                   f"{packets['awaiting']} awaiting documentation")

@@ -36,6 +36,8 @@ import_app = typer.Typer(help="Bring records in: FHIR bulk exports, CSV files, X
 app.add_typer(import_app, name="import")
 app.add_typer(payers_app, name="payers")
 app.add_typer(case_app, name="case")
+templates_app = typer.Typer(help="Letter templates (templates/): check them all.", no_args_is_help=True)
+app.add_typer(templates_app, name="templates")
 packets_app = typer.Typer(help="Documentation packets: what each case encloses or still lacks.", no_args_is_help=True)
 app.add_typer(packets_app, name="packets")
 
@@ -430,6 +432,49 @@ def case_show(case_id: int, as_json: JsonOpt = False) -> None:
         events.add_row(_when(ev["occurred_at"]), ev["event"], ev["from_status"] or "", ev["to_status"] or "",
                        ev["run_id"] or "", json.dumps(ev["details"]) if ev["details"] else "")
     console.print(events)
+
+
+# --- letters --------------------------------------------------------------------------------------
+
+
+@app.command("letter")
+def letter_cmd(
+    case_id: int,
+    fmt: Annotated[str, typer.Option("--format", help="pdf or html.")] = "pdf",
+    out: Annotated[Path | None, typer.Option(help="Write here (default: <case>-letter.<format> in this directory).")] = None,
+    kind: Annotated[str | None, typer.Option(help="request or appeal (default: what the case is at).")] = None,
+    level: Annotated[int | None, typer.Option(help="Appeal level (1, 2, 3 = external review).")] = None,
+) -> None:
+    """Write one case's letter for a person to read (it is also stored and versioned)."""
+    from retroauth.letters import LetterError, LetterTemplateError, render_one
+    from retroauth.rules import load_rule_library
+
+    if fmt not in ("pdf", "html"):
+        raise Exit("--format must be pdf or html")
+    try:
+        data = render_one(engine(), storage(), settings(), load_rule_library(settings().payer_rules_dir), case_id,
+                          fmt, kind=kind, appeal_level=level)
+    except (LetterError, LetterTemplateError) as exc:
+        raise Exit(str(exc)) from None
+    path = out or Path(f"case-{case_id}-letter.{fmt}")
+    path.write_bytes(data)
+    console.print(f"wrote {path} ({len(data):,} bytes)")
+
+
+@templates_app.command("check")
+def templates_check(
+    directory: Annotated[Path | None, typer.Argument(help="Templates directory (default: templates/).")] = None,
+) -> None:
+    """Render every template for every reason, appeal level and payer override against sample data;
+    each problem names the template and the line."""
+    from retroauth.letters import TEMPLATES_DIR, check_templates
+
+    problems = check_templates(directory or TEMPLATES_DIR, settings(), settings().payer_rules_dir)
+    if problems:
+        for p in problems:
+            err.print(f"[red]{p}[/]")
+        raise SystemExit(1)
+    console.print("[green]every template renders for every reason, appeal level and payer override[/]")
 
 
 # --- packets --------------------------------------------------------------------------------------
