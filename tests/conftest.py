@@ -17,6 +17,11 @@ import sqlalchemy as sa
 from retroauth.db import make_engine, migrate
 from tests.pg import PostgresCluster, find_pg_bin
 
+# Session-wide servers live here, so that every module shares one of each (imported into several
+# modules, a session fixture would start once per module).
+from tests.prefect_server import app_env, prefect_server  # noqa: E402,F401
+from tests.s3server import aws_env, s3_bucket, s3_server  # noqa: E402,F401
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 if not SHARED.is_dir():  # CI clones next to a copy of shared/

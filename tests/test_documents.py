@@ -40,8 +40,6 @@ from retroauth.vocab import DELAY_REASON_CODES, MissReason
 from tests.conftest import DATA, ROOT, SYNTHEA, table_counts
 from tests.factories import CHI, add_encounter
 from tests.faults import CountingStorage, FlakyStorage
-from tests.prefect_server import app_env, prefect_server  # noqa: F401 - fixtures
-from tests.s3server import aws_env, s3_bucket, s3_server  # noqa: F401 - fixtures
 
 AS_OF = datetime(2023, 3, 23, 6, tzinfo=CHI)
 COVERAGE = ROOT / "examples" / "synthea-coverage.csv"

@@ -12,7 +12,6 @@ from retroauth.db import session_scope
 from retroauth.models import CaseEvent, RetroCase
 from tests.conftest import DATA, table_counts
 from tests.factories import CHI, add_encounter
-from tests.prefect_server import app_env, prefect_server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "app_env")
 

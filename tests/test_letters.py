@@ -33,7 +33,6 @@ from retroauth.storage import LocalStorage
 from retroauth.typeset import TypesetError, to_document
 from retroauth.vocab import DELAY_REASON_CODES, CaseStatus, MissReason
 from tests.conftest import table_counts
-from tests.prefect_server import app_env, prefect_server  # noqa: F401 - fixtures
 
 CHI = ZoneInfo("America/Chicago")
 DETROIT = ZoneInfo("America/Detroit")

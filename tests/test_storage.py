@@ -28,7 +28,7 @@ from retroauth.storage import (
     open_storage,
     sha256_hex,
 )
-from tests.s3server import aws_env, raw_client, s3_bucket, s3_server  # noqa: F401  (fixtures)
+from tests.s3server import raw_client
 
 PREFIX = "tenant-1/retroauth"  # the S3 backend always runs under a prefix, so prefixing is exercised
 
