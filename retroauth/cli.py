@@ -427,6 +427,18 @@ def case_show(case_id: int, as_json: JsonOpt = False) -> None:
     console.print(lines)
     if detail["packet"]:
         _packet_table(detail["packet"])
+    if detail["letters"]:
+        letters = Table("letter", "kind", "version", "template", "PDF", title="Letters")
+        for ltr in detail["letters"]:
+            kind = ltr["kind"] + (f" level {ltr['appeal_level']}" if ltr["appeal_level"] else "")
+            letters.add_row(str(ltr["id"]), kind, str(ltr["version"]), ltr["template_name"], ltr["pdf_key"])
+        console.print(letters)
+    if detail["submissions"]:
+        subs = Table("submission", "attempt", "channel", "status", "tracking", "sent", title="Submissions")
+        for sub in detail["submissions"]:
+            subs.add_row(str(sub["id"]), str(sub["attempt"]), sub["channel"], sub["status"],
+                         sub["tracking_number"] or "", _when(sub["sent_at"]))
+        console.print(subs)
     events = Table("when", "event", "from", "to", "run", "details", title="Audit trail")
     for ev in detail["events"]:
         events.add_row(_when(ev["occurred_at"]), ev["event"], ev["from_status"] or "", ev["to_status"] or "",

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from retroauth.models import CaseEvent, CaseServiceLine, Packet, RetroCase, ServiceLine
+from retroauth.models import CaseEvent, CaseServiceLine, Letter, Packet, RetroCase, ServiceLine, Submission
 
 
 def worklist(
@@ -51,6 +51,8 @@ def case_detail(engine: sa.Engine, case_id: int) -> dict[str, Any] | None:
             .order_by(ServiceLine.service_date, ServiceLine.line_number)
         ).all()
         packet = s.exec(select(Packet).where(Packet.case_id == case_id)).first()
+        letters = s.exec(select(Letter).where(Letter.case_id == case_id).order_by(Letter.id)).all()
+        submissions = s.exec(select(Submission).where(Submission.case_id == case_id).order_by(Submission.id)).all()
         events = s.exec(select(CaseEvent).where(CaseEvent.case_id == case_id).order_by(CaseEvent.occurred_at, CaseEvent.id)).all()
         return {
             "case": case.model_dump(),
@@ -65,6 +67,10 @@ def case_detail(engine: sa.Engine, case_id: int) -> dict[str, Any] | None:
                 "items": [{k: item.get(k) for k in ("type", "label", "status", "source", "storage_key", "sha256", "why")}
                           for item in (packet.manifest or {}).get("items", [])],
             },
+            "letters": [ltr.model_dump(include={"id", "kind", "appeal_level", "version", "template_name", "pdf_key",
+                                                "html_key", "created_at"}) for ltr in letters],
+            "submissions": [sub.model_dump(include={"id", "attempt", "kind", "channel", "status", "idempotency_key",
+                                                    "tracking_number", "sent_at", "last_error"}) for sub in submissions],
             "events": [e.model_dump(exclude={"case_id"}) for e in events],
         }
 

@@ -86,3 +86,24 @@ def test_import_with_bad_rows_keeps_every_rejected_record(tmp_path):
     r = run(["imports", str(out["import_run"]), "--json"], tmp_path)
     kept = json.loads(r.stdout)
     assert len(kept) == len(out["problems"]) and all(k["file"] and k["field"] for k in kept)
+
+
+def test_a_day_from_the_command_line_sweep_worklist_packets_and_case_show(tmp_path):
+    from tests.conftest import ROOT
+
+    assert run(["init"], tmp_path).returncode == 0
+    assert run(["import", "csv", str(ROOT / "examples" / "csv")], tmp_path).returncode == 0
+    r = run(["sweep", "--as-of", "2026-11-27T06:00", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cases_created"] >= 3
+    worklist = json.loads(run(["cases", "--json"], tmp_path).stdout)
+    due = [c["due_at"] for c in worklist if c["due_at"]]
+    assert worklist and due == sorted(due)  # nearest deadline first
+    r = run(["packets", "build", "--as-of", "2026-11-27T06:00", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    case_id = worklist[0]["id"]
+    detail = json.loads(run(["case", "show", str(case_id), "--json"], tmp_path).stdout)
+    assert detail["case"]["reason"] and detail["case"]["deadline_rule"]
+    assert detail["service_lines"] and detail["packet"]["items"]
+    assert {"letters", "submissions"} <= set(detail)
+    assert [e["event"] for e in detail["events"]][:2] == ["identified", "evaluated"]
