@@ -489,6 +489,56 @@ def templates_check(
     console.print("[green]every template renders for every reason, appeal level and payer override[/]")
 
 
+# --- submission ---------------------------------------------------------------------------------
+
+
+@app.command("submit")
+def submit_cmd(
+    case: Annotated[list[int] | None, typer.Option("--case", help="Only this case id (repeatable).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue the cases whose letter is rendered and send every pending submission. Safe to repeat:
+    each submission carries an idempotency key, so nothing is ever sent twice."""
+    from retroauth.cases import Actor
+    from retroauth.outbox import cases_to_enqueue, enqueue, pending_submissions, send_pending
+    from retroauth.rules import load_rule_library
+
+    library, actor = load_rule_library(settings().payer_rules_dir), Actor(name="cli")
+    queued = enqueue(engine(), case or cases_to_enqueue(engine()), library=library, actor=actor)
+    sent = send_pending(engine(), storage(), library, settings(), actor=actor,
+                        submission_ids=pending_submissions(engine(), case) if case else None)
+    out = {**queued.as_dict(), **sent.as_dict()}
+    if as_json:
+        emit_json(out)
+    else:
+        console.print(f"{out['enqueued']} queued, {out['sent']} sent; refused: {out['refused'] or 'none'}; "
+                      f"still pending after errors: {out['failed'] or 'none'}; decided at once: {out['decided'] or 'none'}")
+    if sent.failed or sent.refused:
+        raise SystemExit(1)
+
+
+@app.command("record")
+def record_cmd(
+    case_id: int,
+    approved: Annotated[bool, typer.Option("--approved/--denied", help="The payer's decision.")],
+    auth_number: Annotated[str | None, typer.Option(help="The authorization number (with --approved).")] = None,
+    reason: Annotated[list[str] | None, typer.Option(help="Denial reason code (repeatable, with --denied).")] = None,
+) -> None:
+    """Record a decision received by portal, fax or phone; an approval writes the authorization back
+    so the next sweep sees the services covered."""
+    from retroauth.cases import Actor
+    from retroauth.outbox import OutboxError, record_outcome
+
+    if approved and not auth_number:
+        raise Exit("--approved needs --auth-number")
+    try:
+        status = record_outcome(engine(), case_id, approved=approved, auth_number=auth_number,
+                                reason_codes=reason or [], actor=Actor(name="cli"))
+    except OutboxError as exc:
+        raise Exit(str(exc)) from None
+    console.print(f"case {case_id}: {status}")
+
+
 # --- packets --------------------------------------------------------------------------------------
 
 

@@ -42,7 +42,9 @@ def test_bad_setting_stops_with_its_name_and_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [[], ["init"], ["settings"], ["cases"], ["case"], ["case", "show"],
-                                 ["payers"], ["payers", "check"], ["demo"]])
+                                 ["payers"], ["payers", "check"], ["demo"], ["submit"], ["record"],
+                                 ["letter"], ["templates", "check"], ["packets", "build"], ["generate"], ["sweep"],
+                                 ["import", "fhir"], ["import", "csv"], ["import", "remit"], ["imports"]])
 def test_every_command_has_help(tmp_path, cmd):
     r = run([*cmd, "--help"], tmp_path)
     assert r.returncode == 0, r.stderr
@@ -107,3 +109,14 @@ def test_a_day_from_the_command_line_sweep_worklist_packets_and_case_show(tmp_pa
     assert detail["service_lines"] and detail["packet"]["items"]
     assert {"letters", "submissions"} <= set(detail)
     assert [e["event"] for e in detail["events"]][:2] == ["identified", "evaluated"]
+
+
+def test_submit_and_record_commands(tmp_path):
+    assert run(["init"], tmp_path).returncode == 0
+    r = run(["submit", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["enqueued"] == 0
+    r = run(["record", "999", "--approved"], tmp_path)
+    assert r.returncode == 2 and "--auth-number" in r.stderr
+    r = run(["record", "999", "--denied", "--reason", "A3"], tmp_path)
+    assert r.returncode == 2 and "999" in r.stderr and "Traceback" not in r.stderr
