@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = f"{count / secs:7.1f}" if secs else f"{'-':>7s}"
         cpu_rate = f"{count / cpu:9.1f}" if cpu else f"{'-':>9s}"
         print(f"{what:46s} {count:7d} {secs:7.2f} {rate} {cpu:7.2f} {cpu_rate}  {note}")
-    rate_product, rate_bare = n / t_product, n / t_bare
+    rate_product = n / t_product
     print(f"\nPDF overhead, product batch vs bare Typst on alike documents ({w} threads): "
           f"wall {t_product / t_bare:.2f}x, CPU {cpu_product / cpu_bare:.2f}x (target <= 1.2x)")
     print(f"PDF overhead, product batch vs the HTML -> PDF engine alone: "

@@ -16,7 +16,6 @@ The machine is shared and noisy: read the ratio, not the seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import resource
 import shutil

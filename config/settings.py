@@ -6,6 +6,7 @@ The defaults are the embedded setup: a SQLite file and local files under ``./var
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -105,6 +106,11 @@ class Settings(BaseSettings):
         if not v.is_dir():
             raise ValueError(f"directory {v} does not exist")
         return v
+
+
+def in_facility_zone(t: datetime, settings: Settings) -> datetime:
+    """A time from a person (CLI, UI) without a zone is meant in the facility's zone."""
+    return t if t.tzinfo else t.replace(tzinfo=ZoneInfo(settings.facility_timezone))
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -44,7 +44,6 @@ OPEN_STATES: frozenset[S] = frozenset(
     {S.IDENTIFIED, S.AWAITING_DOCUMENTATION, S.READY, S.LETTER_RENDERED, S.SUBMITTING, S.SUBMITTED,
      S.IN_REVIEW, S.DENIED, S.APPEALED}
 )
-FINAL_STATES: frozenset[S] = frozenset({S.CLOSED})
 
 
 class InvalidTransition(Exception):

@@ -370,7 +370,9 @@ def sweep_cmd(
 
 
 def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=_facility_zone())
+    from config.settings import in_facility_zone
+
+    return in_facility_zone(t, settings())
 
 
 # --- cases ----------------------------------------------------------------------------------------

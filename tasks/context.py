@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import lru_cache
-from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from config.settings import Settings, load_settings
+from config.settings import Settings, in_facility_zone, load_settings
 from retroauth.cases import Actor
 from retroauth.db import make_engine
 from retroauth.rules import RuleLibrary, load_rule_library
@@ -50,8 +49,7 @@ def rule_library() -> RuleLibrary:
 
 
 def aware(t: datetime) -> datetime:
-    """A time from a person (the UI, the CLI) without a zone is meant in the facility's zone."""
-    return t if t.tzinfo else t.replace(tzinfo=ZoneInfo(settings().facility_timezone))
+    return in_facility_zone(t, settings())
 
 
 def reset() -> None:

@@ -59,7 +59,7 @@ def add_encounter(engine, *, payer="test-commercial", cls="outpatient", pos="22"
         p = Patient(source_system="t", source_id=f"p{n}", family_name="Doe", given_name="Jane")
         s.add(p)
         s.flush()
-        s.add(Coverage(patient_id=p.id, payer_id=payer, member_id=f"M{n}", effective_from=date(2026, 1, 1),
+        s.add(Coverage(patient_id=p.id, payer_id=payer, member_id=f"MBR{n:07d}Q", effective_from=date(2026, 1, 1),
                        discovered_at=discovered or datetime(2026, 1, 2, tzinfo=timezone.utc), discovery_method=discovery))
         e = Encounter(source_system="t", source_id=f"e{n}", patient_id=p.id, encounter_class=cls, place_of_service=pos,
                       admitted_at=admitted, timezone="America/Chicago", admission_type=admission_type,

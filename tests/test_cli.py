@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from retroauth.db import current_revision, make_engine
 

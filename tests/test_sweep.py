@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -10,8 +10,7 @@ from sqlmodel import select
 
 from retroauth.db import session_scope
 from retroauth.models import (
-    Authorization, AuthorizationCode, CaseEvent, CaseServiceLine, Coverage, Encounter, Patient, PayerOutage,
-    RetroCase, ServiceLine,
+    Authorization, AuthorizationCode, CaseEvent, CaseServiceLine, Coverage, Encounter, PayerOutage, RetroCase,
 )
 from retroauth.rules import load_rule_library
 from retroauth.sweep import NotEligible, sweep

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from config import PAYERS_DIR
 from retroauth.db import make_engine
 from retroauth.ingest.fhir import import_fhir
-from retroauth.models import CaseServiceLine, Encounter, RetroCase, ServiceLine
+from retroauth.models import CaseServiceLine, Encounter, RetroCase
 from retroauth.rules import load_rule_library
 from retroauth.storage import LocalStorage
 from retroauth.sweep import sweep
