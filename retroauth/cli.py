@@ -396,12 +396,12 @@ def cases_list(
         emit_json([r._asdict() for r in rows])
         return
     table = Table("case", "status", "payer", "reason", "due", "time left", "at risk", "priority",
-                  title=f"Worklist ({len(rows)} shown)")
+                  title=f"Worklist ({len(rows)} shown; [red]![/] escalated: call the payer)")
     now = datetime.now(timezone.utc)
     for r in rows:
         table.add_row(
-            str(r.id), r.status, r.payer_id, r.reason or "", _when(r.due_at), _left(r.due_at, now),
-            f"${r.amount_at_risk:,.2f}", str(r.priority),
+            str(r.id) + (" [red]![/]" if r.escalated_at else ""), r.status, r.payer_id, r.reason or "",
+            _when(r.due_at), _left(r.due_at, now), f"${r.amount_at_risk:,.2f}", str(r.priority),
         )
     console.print(table)
 
@@ -441,6 +441,19 @@ def case_show(case_id: int, as_json: JsonOpt = False) -> None:
             subs.add_row(str(sub["id"]), str(sub["attempt"]), sub["channel"], sub["status"],
                          sub["tracking_number"] or "", _when(sub["sent_at"]))
         console.print(subs)
+    if c["escalated_at"]:
+        console.print(f"[red]escalated {_when(c['escalated_at'])}: no payer answer in time, call the payer[/]")
+    if detail["appeals"]:
+        appeals = Table("level", "status", "denial codes", "due", "filed", "decided", title="Appeals")
+        for a in detail["appeals"]:
+            appeals.add_row(str(a["level"]), a["status"], a["denial_codes"] or "", _when(a["due_at"]),
+                            _when(a["filed_at"]), _when(a["decided_at"]))
+        console.print(appeals)
+    if detail["follow_ups"]:
+        fus = Table("follow-up", "due", "done", "outcome", title="Follow-ups")
+        for f in detail["follow_ups"]:
+            fus.add_row(f["kind"], _when(f["due_at"]), _when(f["done_at"]), f["outcome"] or "")
+        console.print(fus)
     events = Table("when", "event", "from", "to", "run", "details", title="Audit trail")
     for ev in detail["events"]:
         events.add_row(_when(ev["occurred_at"]), ev["event"], ev["from_status"] or "", ev["to_status"] or "",
@@ -539,6 +552,39 @@ def record_cmd(
     except OutboxError as exc:
         raise Exit(str(exc)) from None
     console.print(f"case {case_id}: {status}")
+
+
+@app.command("follow-ups")
+def follow_ups_cmd(
+    as_of: Annotated[datetime | None, typer.Option(help="Follow up as of this time (facility zone); default now.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask payers about pending requests, record their answers, open and file appeals for denials within
+    their windows, and flag cases waiting past the payer's review SLA (runs the follow-ups flow)."""
+    from flows.follow_ups import follow_ups
+
+    summary = follow_ups(as_of=_aware(as_of) if as_of else None)
+    if as_json:
+        emit_json(summary)
+        return
+    console.print(f"{summary['asked']} inquiries, answers {summary['decisions'] or 'none'}; "
+                  f"{len(summary['appeals_opened'])} appeals opened, {summary['appeals_filed']} filed "
+                  f"(answered at once: {summary['appeal_decisions'] or 'none'}); "
+                  f"{len(summary['escalated'])} escalated, {len(summary['expired'])} expired, "
+                  f"{len(summary['closed'])} denials final")
+
+
+@app.command("payer-sim")
+def payer_sim_cmd(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8089,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    config: Annotated[Path | None, typer.Option(help="JSON or YAML decisions (see retroauth/payer_sim.py); "
+                                                     "default: approve everything.", exists=True)] = None,
+) -> None:
+    """A payer speaking Da Vinci PAS (Claim/$submit, Claim/$inquire) for tests and demos."""
+    from retroauth.payer_sim import main
+
+    raise SystemExit(main(["--host", host, "--port", str(port), *(["--config", str(config)] if config else [])]))
 
 
 # --- packets --------------------------------------------------------------------------------------

@@ -266,3 +266,11 @@ def notification_due(
     if extended.in_timezone("UTC") <= plain.due_utc:  # by instant, not wall clock
         return Deadline(plain.due_at, text, plain.anchor_at)
     return Deadline(extended, f"{text} (applied: {ext_day:%a %Y-%m-%d})", plain.anchor_at)
+
+
+def due_after(start: datetime, value: int, unit: WindowUnit | str, tz: str,
+              calendar: BusinessCalendar | None = None) -> datetime:
+    """The UTC instant ``value`` ``unit``s after ``start`` on a payer's clock and calendar: when to ask the
+    payer again, when its review SLA runs out, when an appeal is due (day windows end at local midnight)."""
+    due = window_due(start, value, unit, tz, calendar=calendar).due_utc
+    return datetime.fromtimestamp(due.timestamp(), UTC)

@@ -926,6 +926,15 @@ def cases_to_render(engine: sa.Engine, limit: int | None = None) -> list[int]:
         return list(conn.execute(q).scalars())
 
 
+def cases_with_open_appeals(engine: sa.Engine, limit: int | None = None) -> list[int]:
+    """Denied cases with an open appeal: the appeal letters to render (ids only)."""
+    q = (sa.select(RetroCase.id).where(RetroCase.status.in_([str(s) for s in APPEAL_STATES]),
+                                       sa.exists().where(Appeal.case_id == RetroCase.id, Appeal.status == "open"))
+         .order_by(RetroCase.id))
+    with engine.connect() as conn:
+        return list(conn.execute(q.limit(limit) if limit is not None else q).scalars())
+
+
 def plan_letters(session: Session, case_ids: Sequence[int]) -> tuple[list[LetterRequest], list[int]]:
     """The letter each case of a batch gets from its state, and the ids that get none (skipped)."""
     ids = sorted(set(case_ids))

@@ -271,6 +271,9 @@ class RetroCase(SQLModel, table=True):
     not_eligible_why: str | None = Field(default=None, max_length=64)  # machine-readable
     priority: int = Field(default=0)  # higher is more urgent
     amount_at_risk: Decimal = Field(default=Decimal("0"), sa_type=MONEY)
+    # Set when the payer has not answered within its review SLA (or stopped answering inquiries): the
+    # worklist shows it for a person to call the payer. Cleared by nothing: the history stays visible.
+    escalated_at: datetime | None = _instant(nullable=True)
     created_at: datetime = _instant(now=True)
     updated_at: datetime = _instant(now=True)
     # Bumped on every transition: a compare-and-set guard against two workers moving one case.
@@ -363,7 +366,9 @@ class Appeal(SQLModel, table=True):
 class FollowUp(SQLModel, table=True):
     __tablename__ = "follow_ups"
     __table_args__ = (
-        sa.UniqueConstraint("case_id", "kind", "due_at", name="uq_follow_ups_due"),
+        # At most one open follow-up of each kind per case (done ones are its history).
+        sa.Index("uq_follow_ups_open", "case_id", "kind", unique=True,
+                 sqlite_where=sa.text("done_at IS NULL"), postgresql_where=sa.text("done_at IS NULL")),
         sa.Index("ix_follow_ups_open", "done_at", "due_at"),
     )
 

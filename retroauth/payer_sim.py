@@ -13,12 +13,14 @@ certification number, X12 886 reason codes), decided deterministically by a conf
         {"match": {"member_id": "M-42"}, "action": "pend", "inquiries": 2, "then": "approve"},
         {"match": {"code": ["22551", "22552"]}, "action": "approve",
          "faults": [{"status": 500}, {"status": 429, "retry_after": 1}, {"delay": 2.0}, {"drop": true}]},
-        {"match": {"code": "63650"}, "action": "reject", "errors": ["15"]}
+        {"match": {"code": "63650"}, "action": "reject", "errors": ["15"]},
+        {"match": {"key_prefix": "ra-7-"}, "action": "deny"}  # one submission, by its idempotency key
       ]
     }
 
 Actions: ``approve`` (A1, authorization number derived from the idempotency key), ``deny`` (A3 with
-``reasons``), ``pend`` (A4; the ``inquiries``-th inquiry gets the ``then`` decision, approve or deny,
+``reasons``; a later request whose ``Claim.related`` names the denied one is its appeal, decided by the
+rule's ``appeal`` action, approve by default, with ``appeal_reasons``), ``pend`` (A4; the ``inquiries``-th inquiry gets the ``then`` decision, approve or deny,
 with ``then_reasons``), ``reject`` (a ClaimResponse in error with X12 901 ``errors``). ``faults``
 shape the first calls of a submission key, one per call: ``status`` answers that HTTP status
 (429 and 503 with ``retry_after``) without recording anything; ``delay`` records the submission,
@@ -62,8 +64,8 @@ ADJUDICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/adjudication"
 DISPLAYS = {"A1": "Certified in total", "A3": "Not Certified", "A4": "Pended"}
 ACTIONS = {"approve": "A1", "deny": "A3", "pend": "A4", "reject": "ERROR"}
 RULE_KEYS = {"match", "action", "reasons", "inquiries", "then", "then_reasons", "faults", "inquire_faults",
-             "delay", "errors"}
-MATCH_KEYS = {"code", "system", "member_id"}
+             "delay", "errors", "appeal", "appeal_reasons"}
+MATCH_KEYS = {"code", "system", "member_id", "key_prefix"}
 FAULT_KEYS = {"status", "retry_after", "delay", "drop"}
 MAX_BODY = 20 * 1024 * 1024
 FHIR_JSON = "application/fhir+json"
@@ -99,14 +101,17 @@ def _check_rule(where: str, rule: Any, *, default: bool) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     r = {"action": "approve", "reasons": [], "inquiries": 1, "then": "approve", "then_reasons": [], "faults": [],
-         "inquire_faults": [], "delay": 0.0, "errors": ["15"], "match": {}} | rule
+         "inquire_faults": [], "delay": 0.0, "errors": ["15"], "match": {}, "appeal": "approve",
+         "appeal_reasons": []} | rule
     if r["action"] not in ACTIONS:
         raise ConfigError(f"{where}.action: one of {sorted(ACTIONS)}")
+    if r["appeal"] not in ("approve", "deny"):
+        raise ConfigError(f"{where}.appeal: approve or deny")
     if r["then"] not in ("approve", "deny"):
         raise ConfigError(f"{where}.then: approve or deny")
     if not (isinstance(r["inquiries"], int) and r["inquiries"] >= 1):
         raise ConfigError(f"{where}.inquiries: an integer >= 1")
-    for k in ("reasons", "then_reasons", "errors"):
+    for k in ("reasons", "then_reasons", "errors", "appeal_reasons"):
         if not (isinstance(r[k], list) and all(isinstance(x, str) for x in r[k])):
             raise ConfigError(f"{where}.{k}: a list of codes")
     r["faults"] = _check_faults(f"{where}.faults", r["faults"])
@@ -118,7 +123,7 @@ def _check_rule(where: str, rule: Any, *, default: bool) -> dict[str, Any]:
         raise ConfigError(f"{where}.match: keys among {sorted(MATCH_KEYS)}")
     if not default and not match:
         raise ConfigError(f"{where}.match: required (use 'default' for the catch-all)")
-    for k in ("code", "member_id"):
+    for k in ("code", "member_id", "key_prefix"):
         if k in match:
             v = match[k]
             match[k] = [v] if isinstance(v, str) else v
@@ -238,12 +243,15 @@ def _read_request(body: Any, *, inquiry: bool) -> dict[str, Any]:
         if isinstance(i, dict) and i.get("value"):
             member_ids.append(i["value"])
     claim_idents = [i for i in claim.get("identifier") or [] if isinstance(i, dict) and i.get("value")]
+    related = [((r.get("claim") or {}).get("identifier") or {}).get("value") for r in claim.get("related") or []
+               if isinstance(r, dict)]
     copied = [e for e in (patient, find(claim.get("insurer")), find(claim.get("provider"))) if e]
     return {
         "bundle_identifier": {k: ident[k] for k in ("system", "value") if ident.get(k)},
         "key": ident.get("value"),
         "claim": claim,
         "claim_identifiers": claim_idents,
+        "related": [k for k in related if isinstance(k, str) and k],
         "codes": codes,
         "member_ids": member_ids,
         "items": [{"sequence": it.get("sequence"),
@@ -257,13 +265,15 @@ def _read_request(body: Any, *, inquiry: bool) -> dict[str, Any]:
 # --- deciding and answering ---------------------------------------------------------------------------
 
 
-def _rule_for(config: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
+def rule_for(config: dict[str, Any], req: dict[str, Any]) -> dict[str, Any]:
     for rule in config["rules"]:
         m = rule["match"]
         if "code" in m and not any(code in m["code"] and (not m.get("system") or system == m["system"])
                                    for system, code in req["codes"]):
             continue
         if "member_id" in m and not set(m["member_id"]) & set(req["member_ids"]):
+            continue
+        if "key_prefix" in m and not any((req.get("key") or "").startswith(p) for p in m["key_prefix"]):
             continue
         return rule
     return config["default"]
@@ -377,7 +387,7 @@ class PayerSimulator(ThreadingHTTPServer):
     def _reset(self) -> None:
         self.submissions: dict[str, dict[str, Any]] = {}
         self.counts: dict[str, dict[str, int]] = {k: {} for k in (
-            "submissions", "repeats", "calls", "inquiries", "inquiry_calls", "faults")}
+            "submissions", "repeats", "calls", "inquiries", "inquiry_calls", "faults", "appeals")}
         self.requests = {"total": 0, "submit": 0, "inquire": 0, "unauthorized": 0, "invalid": 0}
 
     def reset(self) -> None:
@@ -514,7 +524,7 @@ class _Handler(BaseHTTPRequestHandler):
         srv, key = self.server, req["key"]
         with srv.lock:
             sub = srv.submissions.get(key)
-            rule = sub["rule"] if sub else _rule_for(srv.config, req)
+            rule = sub["rule"] if sub else rule_for(srv.config, req)
             n = srv.bump("calls", key)
             fault = rule["faults"][n - 1] if n <= len(rule["faults"]) else None
             if fault:
@@ -527,6 +537,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 srv.bump("submissions", key)
                 code = ACTIONS[rule["action"]]
+                appealed = next((srv.submissions[k] for k in req["related"] if k in srv.submissions), None)
+                if appealed is not None and appealed["code"] == "A3":  # an appeal of a denial: its own decision
+                    srv.bump("appeals", appealed["key"])
+                    code = ACTIONS[rule["appeal"]]
+                    rule = rule | {"reasons": rule["appeal_reasons"]}
                 sub = {
                     "key": key, "rule": rule, "claim": req["claim"], "claim_identifiers": req["claim_identifiers"],
                     "member_ids": req["member_ids"], "items": req["items"], "code": code,

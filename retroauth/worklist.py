@@ -8,7 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session, select
 
-from retroauth.models import CaseEvent, CaseServiceLine, Letter, Packet, RetroCase, ServiceLine, Submission
+from retroauth.models import (
+    Appeal, CaseEvent, CaseServiceLine, Encounter, FollowUp, Letter, Packet, RetroCase, ServiceLine, Submission,
+)
 
 
 def worklist(
@@ -20,7 +22,7 @@ def worklist(
 
     q = sa.select(
         RetroCase.id, RetroCase.status, RetroCase.payer_id, RetroCase.reason, RetroCase.due_at,
-        RetroCase.amount_at_risk, RetroCase.priority, RetroCase.encounter_id,
+        RetroCase.amount_at_risk, RetroCase.priority, RetroCase.encounter_id, RetroCase.escalated_at,
     )
     if states:
         q = q.where(RetroCase.status.in_(list(states)))
@@ -39,6 +41,47 @@ def status_counts(engine: sa.Engine) -> dict[str, int]:
         return dict(sorted(rows.tuples().all()))
 
 
+def encounter_of_case(engine: sa.Engine, case_id: int) -> int | None:
+    """The encounter a case belongs to (None: no such case)."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(RetroCase.encounter_id).where(RetroCase.id == case_id)).scalar_one_or_none()
+
+
+def encounter_exists(engine: sa.Engine, encounter_id: int) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(Encounter.id).where(Encounter.id == encounter_id)).first() is not None
+
+
+def case_statuses(engine: sa.Engine, case_ids: Sequence[int]) -> dict[int, str]:
+    """Each case's status, by case id (ids missing from the database are left out)."""
+    if not case_ids:
+        return {}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(RetroCase.id, RetroCase.status).where(RetroCase.id.in_(sorted(set(case_ids)))))
+        return {cid: str(status) for cid, status in rows}
+
+
+def cases_of_encounter(engine: sa.Engine, encounter_id: int) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(RetroCase.id).where(RetroCase.encounter_id == encounter_id)
+                                 .order_by(RetroCase.id)).scalars())
+
+
+def submissions_by_payer(engine: sa.Engine, submission_ids: Sequence[int]) -> dict[str, list[int]]:
+    """Outbox rows grouped by the payer they go to (for a per-payer limit on sends), ids only."""
+    if not submission_ids:
+        return {}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(RetroCase.payer_id, Submission.id)
+                            .join(RetroCase, RetroCase.id == Submission.case_id)
+                            .where(Submission.id.in_(sorted(set(submission_ids))))
+                            .order_by(RetroCase.payer_id, Submission.id))
+        out: dict[str, list[int]] = {}
+        for payer_id, sid in rows:
+            out.setdefault(payer_id, []).append(sid)
+        return out
+
+
 def case_detail(engine: sa.Engine, case_id: int) -> dict[str, Any] | None:
     with Session(engine) as s:
         case = s.get(RetroCase, case_id)
@@ -54,6 +97,9 @@ def case_detail(engine: sa.Engine, case_id: int) -> dict[str, Any] | None:
         letters = s.exec(select(Letter).where(Letter.case_id == case_id).order_by(Letter.id)).all()
         submissions = s.exec(select(Submission).where(Submission.case_id == case_id).order_by(Submission.id)).all()
         events = s.exec(select(CaseEvent).where(CaseEvent.case_id == case_id).order_by(CaseEvent.occurred_at, CaseEvent.id)).all()
+        appeals = s.exec(select(Appeal).where(Appeal.case_id == case_id).order_by(Appeal.level)).all()
+        follow_ups = s.exec(select(FollowUp).where(FollowUp.case_id == case_id)
+                            .order_by(FollowUp.due_at, FollowUp.id)).all()
         return {
             "case": case.model_dump(),
             "service_lines": [
@@ -71,6 +117,8 @@ def case_detail(engine: sa.Engine, case_id: int) -> dict[str, Any] | None:
                                                 "html_key", "created_at"}) for ltr in letters],
             "submissions": [sub.model_dump(include={"id", "attempt", "kind", "channel", "status", "idempotency_key",
                                                     "tracking_number", "sent_at", "last_error"}) for sub in submissions],
+            "appeals": [a.model_dump(exclude={"case_id"}) for a in appeals],
+            "follow_ups": [f.model_dump(exclude={"case_id"}) for f in follow_ups],
             "events": [e.model_dump(exclude={"case_id"}) for e in events],
         }
 

@@ -1,7 +1,7 @@
 """The packet channel (portal upload, fax, mail): one PDF a person sends, then records the outcome.
 
-The PDF is the case's latest request letter followed by the packet's included documents: PDF documents
-as they are, text notes typeset as plain pages. It is stored under
+The PDF is the case's latest request letter (for an appeal: its latest appeal letter) followed by the
+packet's included documents: PDF documents as they are, text notes typeset as plain pages. It is stored under
 ``outbound/packets/<payer>/<idempotency key>.pdf``; the tracking number is the idempotency key. A send
 asked again with the same key finds the object there and writes nothing.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from retroauth.channels import ChannelRefused, Outgoing, SendResult
+from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult
 from retroauth.db import session_scope
 from retroauth.models import Letter, Packet
 from retroauth.storage import Storage, key
@@ -60,16 +60,17 @@ def text_pdf(text: str, title: str | None = None) -> bytes:
     return out
 
 
-def build_packet_pdf(engine: sa.Engine, storage: Storage, case_id: int) -> bytes:
+def build_packet_pdf(engine: sa.Engine, storage: Storage, case_id: int, kind: str = "request") -> bytes:
     """The letter and the included documents as one PDF. Refuses (``ChannelRefused``) without a letter."""
     import pypdf
 
     with session_scope(engine) as s:
-        letter = s.execute(sa.select(Letter).where(Letter.case_id == case_id, Letter.kind == "request")
-                           .order_by(Letter.version.desc(), Letter.id.desc()).limit(1)).scalars().first()
+        letter = s.execute(sa.select(Letter).where(Letter.case_id == case_id, Letter.kind == kind)
+                           .order_by(Letter.appeal_level.desc(), Letter.version.desc(), Letter.id.desc())
+                           .limit(1)).scalars().first()
         packet = s.execute(sa.select(Packet).where(Packet.case_id == case_id)).scalars().first()
     if letter is None:
-        raise ChannelRefused("no_request_letter")
+        raise ChannelRefused(f"no_{kind}_letter")
     writer = pypdf.PdfWriter()
     writer.append(pypdf.PdfReader(io.BytesIO(storage.get(letter.pdf_key, sha256=letter.pdf_sha256))))
     for item in (packet.manifest or {}).get("items", []) if packet else []:
@@ -97,5 +98,9 @@ class PacketChannel:
     def send(self, engine: sa.Engine, storage: Storage, library: Any, settings: Any, out: Outgoing) -> SendResult:
         k = packet_key(out.payer_id, out.idempotency_key)
         if not storage.exists(k):  # sent before (a crash before it was recorded): the same object stands
-            storage.put(k, build_packet_pdf(engine, storage, out.case_id), content_type="application/pdf")
+            storage.put(k, build_packet_pdf(engine, storage, out.case_id, out.kind), content_type="application/pdf")
         return SendResult(tracking_number=out.idempotency_key, payload_key=k)
+
+    def poll(self, engine: sa.Engine, storage: Storage, library: Any, settings: Any, out: Outgoing,
+             tracking_number: str | None) -> Answer | None:
+        return None  # the answer comes by fax, mail or portal: a person records it (`retroauth record`)

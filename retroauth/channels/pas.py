@@ -100,6 +100,8 @@ POS_SYSTEM = "https://www.cms.gov/Medicare/Coding/place-of-service-codes/Place_o
 TYPE_OF_BILL_SYSTEM = "https://www.nubc.org/CodeSystem/TypeOfBill"
 ICD10CM_SYSTEM = "http://hl7.org/fhir/sid/icd-10-cm"
 LOINC_SYSTEM = "http://loinc.org"
+RELATED_CLAIM_SYSTEM = "http://terminology.hl7.org/CodeSystem/ex-relatedclaimrelationship"
+LETTER_LOINC = "51852-2"  # LOINC "Letter": the appeal letter sent with a reconsideration
 
 # The one URI each of our code systems is sent with (vocab.CODE_SYSTEM_URIS reads several).
 SERVICE_CODE_URIS: dict[CodeSystem, str] = {
@@ -288,6 +290,9 @@ class PasRequest:
     event_end: date | None = None
     type_of_bill: str | None = None  # institutional: item location when no place of service
     message: str | None = None  # free text to the reviewer (e.g. why the request is late): no PHI
+    # A reconsideration (appeal) names the denied request it asks the payer to look at again. PAS has no
+    # appeal operation: it goes as a new request whose Claim.related points at the prior one.
+    related_key: str | None = None
 
 
 # --- building -----------------------------------------------------------------------------------------
@@ -543,6 +548,9 @@ def _claim(req: PasRequest, refs: _Refs, key: str, created: str, *, inquiry: boo
         "provider": refs.ref("requester"),
         "priority": _cc(PRIORITY_SYSTEM, req.priority),
     }
+    if req.related_key and not inquiry:
+        claim["related"] = [{"claim": {"identifier": {"system": SUBMISSION_SYSTEM, "value": req.related_key}},
+                             "relationship": _cc(RELATED_CLAIM_SYSTEM, "prior")}]
     if req.practitioners:
         claim["careTeam"] = [
             {"extension": [{"url": EXT_CARE_TEAM_SCOPE, "valueBoolean": True}],
@@ -780,6 +788,14 @@ def validate_pas_request(bundle: Any, *, what: str = "PAS request bundle", inqui
 
 # --- reading responses ------------------------------------------------------------------------------
 
+CLAIM_RESPONSE_OUTCOMES = frozenset({"queued", "complete", "error", "partial"})  # ClaimResponse.outcome (R4)
+RESPONSE_BUNDLE_TYPES = frozenset({"collection", "searchset"})  # a PAS response; an $inquire that found nothing
+
+
+def _is_code(value: str) -> bool:
+    """A code (``A1``, ``not-found``, ``0U``), not free text that could be someone's name."""
+    return 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "._:-") for c in value)
+
 
 @dataclass(frozen=True)
 class PasItemDecision:
@@ -899,7 +915,7 @@ def _review_action(exts: Iterable[Any]) -> dict[str, Any] | None:
                     out["number"] = sub.get("valueString")
                 elif url == "reasonCode":
                     code = _first_code(sub.get("valueCodeableConcept"), X12_REASON)
-                    if code:
+                    if code and _is_code(code):  # free text in a code is not kept (it may name someone)
                         out["reasons"].append(code)
             return out
     return None
@@ -953,10 +969,10 @@ def _operation_outcome(oo: Mapping[str, Any], *, bundle_ident: Any, ref: str,
                        http_status: int | None) -> PasDecision:
     codes, details = [], []
     for issue in oo.get("issue") or []:
-        if issue.get("code"):
+        if issue.get("code") and _is_code(str(issue["code"])):  # codes only: they reach error messages
             codes.append(str(issue["code"]))
         for c in (issue.get("details") or {}).get("coding") or []:
-            if c.get("code"):
+            if c.get("code") and _is_code(str(c["code"])):
                 details.append(str(c["code"]))
     kind: Literal["error", "not_found"] = "not_found" if codes and set(codes) == {"not-found"} else "error"
     return PasDecision(kind=kind, decision=NOT_FOUND if kind == "not_found" else ERROR,
@@ -965,24 +981,37 @@ def _operation_outcome(oo: Mapping[str, Any], *, bundle_ident: Any, ref: str,
                        echoed_keys=_ours(_identifiers(bundle_ident)), response_ref=ref, http_status=http_status)
 
 
+def _check_review_action(code: str, where: str) -> None:
+    """An unknown code must not pass for a decision (it would read as final, neither approved nor denied)."""
+    if code not in REVIEW_ACTIONS:
+        raise PasResponseError(f"PAS response {where}: reviewAction code is not an X12 306 review action "
+                               f"({', '.join(REVIEW_ACTIONS)})")
+
+
 def _claim_response(cr: Mapping[str, Any], *, bundle_ident: Any, ref: str,
                     http_status: int | None) -> PasDecision:
-    items = [d for d in (_item_decision(it) for it in cr.get("item") or [] if isinstance(it, Mapping)) if d]
-    for add in cr.get("addItem") or []:
-        d = _item_decision(add)
-        if d:
-            items.append(d)
+    items: list[PasItemDecision] = []
+    for element in ("item", "addItem"):
+        for i, it in enumerate(cr.get(element) or []):
+            d = _item_decision(it) if isinstance(it, Mapping) else None
+            if d is not None:
+                _check_review_action(d.code, f"ClaimResponse.{element}[{i}]")
+                items.append(d)
     header = None
     for adj in cr.get("adjudication") or []:  # PAS 2.x: a claim-level reviewAction
         header = _review_action(adj.get("extension") or [])
         if header:
             break
+    if header and header["code"]:
+        _check_review_action(header["code"], "ClaimResponse.adjudication")
     codes = [d.code for d in items] or ([header["code"]] if header and header["code"] else [])
     outcome = cr.get("outcome")
+    if outcome not in CLAIM_RESPONSE_OUTCOMES:
+        raise PasResponseError("PAS response ClaimResponse.outcome: not queued, complete, error or partial")
     errors = []
     for err in cr.get("error") or []:
         code = _first_code(err.get("code"))
-        if code:
+        if code and _is_code(code):
             errors.append(code)
     idents = _identifiers(cr.get("identifier"))
     request = cr.get("request")
@@ -1027,10 +1056,35 @@ def _bundles_in(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return out
 
 
-def parse_pas_response(body: Any, *, idempotency_key: str | None = None, http_status: int | None = None) -> PasDecision:
+def parse_pas_response(body: Any, *, idempotency_key: str | None = None, http_status: int | None = None,
+                       source: str | None = None) -> PasDecision:
     """Read a PAS ``$submit`` / ``$inquire`` response (see the module doc). Raises ``PasResponseError``
-    on anything else. With several results (an inquiry's Parameters), the one that echoes
-    ``idempotency_key`` is chosen, else the first."""
+    on anything else, naming the element (a FHIR path) and, with ``source`` (a file name or an
+    endpoint), where the body came from; never a value. With several results (an inquiry's
+    Parameters), the one that echoes ``idempotency_key`` is chosen, else the first."""
+    try:
+        return _parse_pas_response(body, idempotency_key, http_status)
+    except RecursionError:  # JSON nested thousands deep: the decoder and the encoder recurse per level
+        error = PasResponseError("PAS response is nested too deeply to be FHIR")
+    except PasResponseError as e:
+        error = e
+    if source:
+        error = PasResponseError(f"{source}: {error}")
+    raise error
+
+
+def _resource_type(rtype: Any) -> str:
+    """``rtype`` when it names a FHIR resource type, else a description that does not repeat it."""
+    if isinstance(rtype, str) and rtype.isascii() and rtype.isalpha() and rtype[:1].isupper():
+        try:
+            get_fhir_model_class(rtype)
+            return rtype
+        except (KeyError, ValueError, LookupError):
+            pass
+    return "not a FHIR resource (no known resourceType)" if rtype is not None else "not FHIR (no resourceType)"
+
+
+def _parse_pas_response(body: Any, idempotency_key: str | None, http_status: int | None) -> PasDecision:
     if isinstance(body, (bytes, str)):
         try:
             body = json.loads(body)
@@ -1044,7 +1098,7 @@ def parse_pas_response(body: Any, *, idempotency_key: str | None = None, http_st
         found = _bundles_in(body)
         if not found:
             return PasDecision(kind="not_found", decision=NOT_FOUND, response_ref=ref, http_status=http_status)
-        decisions = [parse_pas_response(b, http_status=http_status) for b in found]
+        decisions = [_parse_pas_response(b, None, http_status) for b in found]
         if idempotency_key:
             for d in decisions:
                 if d.echoes(idempotency_key):
@@ -1058,7 +1112,11 @@ def parse_pas_response(body: Any, *, idempotency_key: str | None = None, http_st
     if rtype == "ClaimResponse":
         return _claim_response(body, bundle_ident=None, ref=ref, http_status=http_status)
     if rtype != "Bundle":
-        raise PasResponseError(f"PAS response is a {rtype!s:.40}, not a Bundle, ClaimResponse or OperationOutcome")
+        raise PasResponseError(f"PAS response resourceType: {_resource_type(rtype)}, not a Bundle, ClaimResponse "
+                               "or OperationOutcome")
+    if body.get("type") not in RESPONSE_BUNDLE_TYPES:
+        raise PasResponseError("PAS response Bundle.type: not collection (a $submit or $inquire response) or "
+                               "searchset")
     bundle_ident = body.get("identifier")
     entries = [e.get("resource") for e in body.get("entry") or [] if isinstance(e, Mapping)]
     if not entries:
@@ -1066,12 +1124,12 @@ def parse_pas_response(body: Any, *, idempotency_key: str | None = None, http_st
             return PasDecision(kind="not_found", decision=NOT_FOUND,
                                bundle_identifier=next(iter(_identifier_values(bundle_ident)), None),
                                response_ref=ref, http_status=http_status)
-        raise PasResponseError("PAS response Bundle has no entry")
+        raise PasResponseError("PAS response Bundle.entry: none (a response carries its ClaimResponse)")
     first = entries[0] or {}
     if first.get("resourceType") == "OperationOutcome":
         return _operation_outcome(first, bundle_ident=bundle_ident, ref=ref, http_status=http_status)
     if first.get("resourceType") != "ClaimResponse":
-        raise PasResponseError("PAS response Bundle's first entry is not a ClaimResponse or OperationOutcome")
+        raise PasResponseError("PAS response Bundle.entry[0].resource: not a ClaimResponse or OperationOutcome")
     return _claim_response(first, bundle_ident=bundle_ident, ref=ref, http_status=http_status)
 
 
@@ -1243,7 +1301,7 @@ class PasClient:
 
 
 __all__ = [
-    "CERTIFIED", "ERROR", "NOT_FOUND", "REVIEW_ACTIONS", "SUBMISSION_SYSTEM",
+    "CERTIFIED", "ERROR", "LETTER_LOINC", "NOT_FOUND", "REVIEW_ACTIONS", "SUBMISSION_SYSTEM",
     "PasAddress", "PasClient", "PasCoverage", "PasDecision", "PasDiagnosis", "PasDocument", "PasError",
     "PasItem", "PasItemDecision", "PasMismatch", "PasOrganization", "PasPatient", "PasPractitioner",
     "PasRejected", "PasRequest", "PasResponseError", "PasUnavailable", "PasValidationError",
