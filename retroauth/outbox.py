@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from retroauth import failpoints
 from retroauth.cases import Actor, record_event, transition_many
 from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult, SubmissionChannel
 from retroauth.db import session_scope
@@ -234,7 +235,9 @@ def send_pending(engine: sa.Engine, storage: Any, library: Any, settings: Any, *
         except Exception as exc:  # noqa: BLE001 - transient: stays pending, retried with the same key
             summary.failed[r.id] = type(exc).__name__
             continue
+        failpoints.hit("submit.before_record")
         if _record_sent(engine, library, out, r.channel, sent, actor):
+            failpoints.hit("submit.after_record")
             summary.sent.append(r.id)
             if sent.decision:
                 summary.decided[r.case_id] = sent.decision
@@ -341,6 +344,7 @@ def poll_submissions(engine: sa.Engine, storage: Any, library: Any, settings: An
             continue
         with session_scope(engine) as s:
             _record_decision(s, r.case_id, r.id, r.kind, answer, source="payer_response", actor=actor)
+        failpoints.hit("follow_up.after_inquiry")
         summary.decided[r.id] = answer.decision
     return summary
 

@@ -6,6 +6,7 @@ exactly one submission per attempt reached the simulator."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -259,7 +260,8 @@ def test_a_process_killed_after_the_payer_accepted_does_not_submit_twice(engine,
     outbox.enqueue(engine, [case_id], library=lib, actor=ACTOR)
     url = engine.url.render_as_string(hide_password=False)
     proc = subprocess.run([sys.executable, "-m", "tests.crash_send", url, str(storage.root), server.url],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RETROAUTH_FAILPOINTS": "submit.before_record=kill"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     [sub] = submissions(engine, case_id)
     assert sub.status == "pending" and status(engine, case_id) == CaseStatus.SUBMITTING  # nothing recorded
