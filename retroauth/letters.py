@@ -49,7 +49,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 import sqlalchemy as sa
 from jinja2 import meta
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from sqlmodel import Session
 
 from retroauth.cases import Actor, record_event, transition_many
@@ -277,6 +277,7 @@ class LetterData(_Frozen):
     outages: tuple[OutageInfo, ...] = ()
     enclosures: tuple[EnclosureInfo, ...] = ()
     appeal: AppealInfo | None = None
+    _data_hash: str | None = PrivateAttr(default=None)
 
     @property
     def total_charges(self) -> Decimal:
@@ -302,7 +303,10 @@ class LetterData(_Frozen):
                           ensure_ascii=False).encode()
 
     def data_hash(self) -> str:
-        return hashlib.sha256(self.canonical_json()).hexdigest()
+        """SHA-256 of the canonical JSON; computed once per instance (the batch plans and stores with it)."""
+        if self._data_hash is None:
+            self._data_hash = hashlib.sha256(self.canonical_json()).hexdigest()
+        return self._data_hash
 
     def context(self, letter_date: date) -> dict[str, Any]:
         """What templates see: every field by name, the whole object as ``letter``, and the date."""
@@ -423,6 +427,24 @@ def _rel(path: str | Path | None, root: Path) -> str | None:
         return str(path)
 
 
+def _reference_lines(tree: jinja2.nodes.Template) -> dict[str | None, int]:
+    """The line of each template an ``extends``/``include``/``import`` names (None: named by a variable)."""
+    lines: dict[str | None, int] = {}
+    kinds = (jinja2.nodes.Extends, jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport)
+    for node in tree.find_all(kinds):
+        names = node.template.items if isinstance(node.template, (jinja2.nodes.Tuple, jinja2.nodes.List)) else [
+            node.template]
+        for item in names:
+            value = item.value if isinstance(item, jinja2.nodes.Const) and isinstance(item.value, str) else None
+            lines.setdefault(value, node.lineno)
+    return lines
+
+
+def _bad_byte_line(exc: UnicodeDecodeError) -> int:
+    """The 1-based line of the first byte that is not UTF-8."""
+    return bytes(exc.object[: exc.start]).count(b"\n") + 1
+
+
 @dataclass(frozen=True)
 class ResolvedTemplate:
     """The template a letter uses, as resolved for one payer."""
@@ -494,26 +516,33 @@ class LetterTemplates:
 
     # hashes
 
-    def _sources(self, env: jinja2.Environment, name: str, out: dict[str, str], stack: tuple[str, ...]) -> None:
+    def _sources(self, env: jinja2.Environment, name: str, out: dict[str, str], stack: tuple[str, ...],
+                 referrer: tuple[str, int | None] | None = None) -> None:
+        """Every file ``name`` is made of, into ``out``. ``referrer``: the file and line that named it,
+        which a missing template or a cycle is reported at."""
+        where, line = referrer or (name, None)
         if name in stack:
-            raise LetterTemplateError(name, None, f"template cycle: {' -> '.join((*stack, name))}")
+            raise LetterTemplateError(where, line, f"template cycle: {' -> '.join((*stack, name))}")
         try:
             source, filename, _ = env.loader.get_source(env, name)  # type: ignore[union-attr]
         except jinja2.TemplateNotFound:
-            raise LetterTemplateError(stack[-1] if stack else name, None, f"template {name!r} not found") from None
+            raise LetterTemplateError(where, line, f"template {name!r} not found") from None
+        except UnicodeDecodeError as exc:
+            raise LetterTemplateError(name, _bad_byte_line(exc), "not UTF-8 text") from None
         rel = _rel(filename, self.root) or name
         if rel in out:
             return
         out[rel] = hashlib.sha256(source.encode()).hexdigest()
         try:
-            refs = list(meta.find_referenced_templates(env.parse(source, name, filename)))
+            tree = env.parse(source, name, filename)
         except jinja2.TemplateSyntaxError as exc:
             raise LetterTemplateError(rel, exc.lineno, exc.message or "syntax error") from None
-        for ref in refs:
+        lines = _reference_lines(tree)
+        for ref in meta.find_referenced_templates(tree):
             if ref is None:
-                raise LetterTemplateError(rel, None, "extends/includes/imports a template named by a variable: "
-                                          "name templates literally so that the template hash covers them")
-            self._sources(env, ref, out, (*stack, name))
+                raise LetterTemplateError(rel, lines.get(None), "extends/includes/imports a template named by a "
+                                          "variable: name templates literally so that the template hash covers them")
+            self._sources(env, ref, out, (*stack, name), (rel, lines.get(ref)))
 
     def program_path(self, payer_id: str | None) -> Path:
         scope = self._scope(payer_id)
@@ -1319,11 +1348,13 @@ def check_templates(templates_dir: str | Path, settings: Any, payers_dir: str | 
         for path in sorted(folder.rglob("*.j2")):
             if scope is None and path.relative_to(root).parts[0] == PAYERS_SUBDIR:
                 continue
+            rel = _rel(path, templates.root) or str(path)
             try:
-                env.parse(path.read_text(encoding="utf-8"), path.name, str(path))
+                env.parse(path.read_bytes().decode("utf-8"), path.name, str(path))
             except jinja2.TemplateSyntaxError as exc:
-                problems.append(TemplateProblem(_rel(path, templates.root) or str(path), exc.lineno,
-                                                exc.message or "syntax error"))
+                problems.append(TemplateProblem(rel, exc.lineno, exc.message or "syntax error"))
+            except UnicodeDecodeError as exc:
+                problems.append(TemplateProblem(rel, _bad_byte_line(exc), "not UTF-8 text"))
     broken = {p.template for p in problems}
     day = date(2026, 11, 20)
     for scope in scopes:
@@ -1335,9 +1366,12 @@ def check_templates(templates_dir: str | Path, settings: Any, payers_dir: str | 
             data = sample_letter_data(settings, payer, kind=kind, reason=reason or MissReason.EMERGENCY,
                                       appeal_level=level)
             try:
-                templates.resolve_for(data)
+                resolved = templates.resolve_for(data)
                 html = templates.render_html(data, day)
-                to_document(html)
+                try:
+                    to_document(html)
+                except TypesetError as exc:  # HTML outside the subset the PDF is typeset from
+                    raise LetterTemplateError(resolved.file, None, f"rendered HTML: {exc}") from None
                 templates.render_pdf(data, day, html)
             except LetterTemplateError as exc:
                 if exc.template in broken and exc.line is not None:

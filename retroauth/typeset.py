@@ -72,8 +72,13 @@ class TypesetError(Exception):
 class Element:
     tag: str
     attrs: dict[str, str]
-    line: int
+    pos: int  # offset of the tag in ``src``: the line is counted only when an error needs it
+    src: str = field(default="", repr=False)
     children: list[Element | str] = field(default_factory=list)
+
+    @property
+    def line(self) -> int:
+        return self.src.count("\n", 0, self.pos) + 1
 
     @property
     def classes(self) -> list[str]:
@@ -106,13 +111,17 @@ def parse_html(html: str) -> Element:
     A small tokenizer rather than ``html.parser``: the subset needs no error recovery (malformed
     markup is an error to report, not to repair), and it is twice as fast.
     """
-    root = Element("#document", {}, 0)
+    root = Element("#document", {}, 0, html)
     stack = [root]
-    pos, line, n = 0, 1, len(html)
+    pos, n = 0, len(html)
+
+    def line_at(at: int) -> int:
+        return html.count("\n", 0, at) + 1
+
     while pos < n:
         m = _TOKEN.match(html, pos)
         if m is None:
-            raise TypesetError(f"line {line}: a '<' that starts no tag (text must be escaped)")
+            raise TypesetError(f"line {line_at(pos)}: a '<' that starts no tag (text must be escaped)")
         text = m.group("text")
         if text is not None:
             stack[-1].children.append(unescape(text) if "&" in text else text)
@@ -122,23 +131,22 @@ def parse_html(html: str) -> Element:
                 if tag not in VOID:
                     top = stack[-1]
                     if top.tag != tag:
-                        raise TypesetError(f"line {line}: </{tag}> closes <{top.tag}> (opened at line {top.line})")
+                        raise TypesetError(f"line {line_at(pos)}: </{tag}> closes <{top.tag}> "
+                                           f"(opened at line {top.line})")
                     stack.pop()
             else:
                 if tag not in ALLOWED:
-                    raise TypesetError(f"line {line}: <{tag}> is not in the letter HTML subset")
-                el = Element(tag, _attrs(m.group("attrs")), line)
+                    raise TypesetError(f"line {line_at(pos)}: <{tag}> is not in the letter HTML subset")
+                el = Element(tag, _attrs(m.group("attrs")), pos, html)
                 stack[-1].children.append(el)
                 if tag in _RAW_TEXT:  # style: skip to its end tag
                     close = html.find(f"</{tag}", m.end())
                     if close < 0:
-                        raise TypesetError(f"line {line}: <{tag}> is never closed")
-                    line += html.count("\n", m.start(), close)
+                        raise TypesetError(f"line {line_at(pos)}: <{tag}> is never closed")
                     pos = html.index(">", close) + 1
                     continue
                 if tag not in VOID and not m.group("self"):
                     stack.append(el)
-        line += html.count("\n", m.start(), m.end())
         pos = m.end()
     if len(stack) > 1:
         top = stack[-1]
