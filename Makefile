@@ -1,10 +1,11 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when it is missing.
+# `make serve` runs it for real on this machine: Prefect server and UI, deployments, a worker (Ctrl-C stops).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean sysdeps
+.PHONY: demo test serve install clean sysdeps
 
 # Debian packages the tests need: PostgreSQL server binaries (the suite starts its own cluster).
 SYSTEM_PACKAGES := postgresql postgresql-contrib
@@ -22,6 +23,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/retroauth demo
+
+serve: $(STAMP)
+	$(BIN)/retroauth serve $(SERVE_ARGS)
 
 test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

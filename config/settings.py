@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config import PAYERS_DIR
@@ -51,6 +51,40 @@ class Settings(BaseSettings):
 
     payer_rules_dir: Path = Field(PAYERS_DIR, description="Directory of payer rule YAML files")
     sweep_lookback_days: int = Field(30, ge=1, le=730, description="Days of encounters each sweep reviews")
+
+    # --- operating it (Prefect): deployments, results, alerts -----------------------------------------
+    daily_run_at: str = Field(
+        "06:00",
+        description="Local time (HH:MM, in facility_timezone) at which the daily-run deployment starts",
+    )
+    results_dir: Path = Field(
+        Path("var/results"),
+        description="Where Prefect keeps the results of finished batches (assemble, render) so that a "
+        "retried flow run skips them; every worker must read the same directory",
+    )
+    prefect_database_url: SecretStr | None = Field(
+        None,
+        description="The Prefect server's own database for `retroauth serve`: unset means SQLite under "
+        "var/prefect; postgresql+asyncpg://user:pass@host/db for several workers",
+    )
+    payer_api_concurrency: int = Field(
+        2, ge=1, le=100,
+        description="Send batches that may talk to one payer at the same time, across all workers "
+        "(the global concurrency limit payer-api-<payer id>)",
+    )
+    alert_webhook_url: SecretStr | None = Field(
+        None,
+        description="Where a failed or crashed daily-run, follow-ups or urgent-case run is announced: "
+        "an HTTP(S) URL that receives a JSON POST with the flow, run id, state, a message of codes only "
+        "and a link to the run (never patient data). Unset: no alert is sent. Kept secret (a webhook URL "
+        "often holds a token): `retroauth settings` shows stars",
+    )
+
+    pas_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for the payers' Da Vinci PAS endpoints (channel fhir_pas). Never logged "
+        "or stored in the database; `retroauth settings` shows stars",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -100,6 +134,37 @@ class Settings(BaseSettings):
             raise ValueError("is not an IANA time zone such as America/Chicago") from None
         return v
 
+    @field_validator("daily_run_at")
+    @classmethod
+    def _daily_run_at(cls, v: str) -> str:
+        try:
+            t = datetime.strptime(v, "%H:%M")
+        except ValueError:
+            raise ValueError("must be a local time HH:MM such as 06:00") from None
+        return f"{t:%H:%M}"
+
+    @field_validator("prefect_database_url", mode="before")
+    @classmethod
+    def _prefect_db(cls, v: object) -> object:
+        v = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if v in (None, ""):
+            return None
+        scheme = urlparse(str(v)).scheme
+        if scheme not in ("postgresql+asyncpg", "sqlite+aiosqlite"):
+            raise ValueError("must be a postgresql+asyncpg:// (or sqlite+aiosqlite://) URL")
+        return v
+
+    @field_validator("alert_webhook_url", mode="before")
+    @classmethod
+    def _webhook(cls, v: object) -> object:
+        v = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if v in (None, ""):
+            return None
+        u = urlparse(str(v))
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
     @field_validator("payer_rules_dir")
     @classmethod
     def _rules_dir(cls, v: Path) -> Path:
@@ -111,6 +176,12 @@ class Settings(BaseSettings):
 def in_facility_zone(t: datetime, settings: Settings) -> datetime:
     """A time from a person (CLI, UI) without a zone is meant in the facility's zone."""
     return t if t.tzinfo else t.replace(tzinfo=ZoneInfo(settings.facility_timezone))
+
+
+def daily_run_cron(settings: Settings) -> str:
+    """The daily-run schedule as a cron line, read in ``facility_timezone`` (DST-aware in Prefect)."""
+    hour, minute = settings.daily_run_at.split(":")
+    return f"{int(minute)} {int(hour)} * * *"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from prefect import flow
 from prefect.futures import wait
@@ -19,7 +19,7 @@ def assemble_documentation(case_ids: list[int] | None = None, batch_size: int = 
     one task run per batch of ``batch_size`` cases."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    as_of = context.aware(as_of) if as_of else datetime.now(timezone.utc)
+    as_of = context.aware(as_of) if as_of else context.run_time()
     ids = list(case_ids) if case_ids is not None else find_cases_needing_packets()
     futures = [assemble_batch.submit(ids[i:i + batch_size], as_of) for i in range(0, len(ids), batch_size)]
     wait(futures)  # every batch runs to its end before a failed one fails the flow run

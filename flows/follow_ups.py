@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from prefect import flow
 from prefect.futures import wait
 
+from flows.alerts import ALERT_HOOKS
 from flows.render import render_letters
 from tasks import context
 from tasks.follow_ups import (
@@ -26,7 +27,7 @@ def _all(futures: list) -> list:  # noqa: ANN001 - Prefect futures
     return [f.result() for f in futures]
 
 
-@flow(name="follow-ups", log_prints=False)
+@flow(name="follow-ups", log_prints=False, **ALERT_HOOKS)
 def follow_ups(as_of: datetime | None = None, batch_size: int = 200) -> dict:
     """Follow up as of ``as_of`` (default: now): inquire about due requests and record the answers; let
     unfiled appeals past their deadline lapse; open appeals for denials; render and file them; escalate

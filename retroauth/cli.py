@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config.settings import Settings, SettingsError, load_settings
+from retroauth import cli_ops
 from retroauth.cases import OPEN_STATES
 from retroauth.db import make_engine, migrate
 from retroauth.storage import open_storage
@@ -40,6 +41,7 @@ templates_app = typer.Typer(help="Letter templates (templates/): check them all.
 app.add_typer(templates_app, name="templates")
 packets_app = typer.Typer(help="Documentation packets: what each case encloses or still lacks.", no_args_is_help=True)
 app.add_typer(packets_app, name="packets")
+app.add_typer(cli_ops.app)  # the operators' commands: serve, worker, trigger urgent
 
 console = Console()
 err = Console(stderr=True)

@@ -118,14 +118,16 @@ def sweep(
 ) -> SweepResult:
     """Find and evaluate cases for encounters admitted in [as_of - lookback_days, as_of).
 
-    ``encounter_ids`` limits the sweep to those encounters whatever their date (an urgent case);
-    ``payer_ids`` to those payers. The whole rule library is loaded either way, so that sweeps
-    running at the same time never see each other's partial rules.
+    ``encounter_ids`` limits the sweep to those encounters whatever their date (an urgent case): it
+    then touches only their cases, expiring included, and skips the planner statistics (a lookup by
+    primary key needs none); ``payer_ids`` limits it to those payers. The whole rule library is loaded
+    either way, so that sweeps running at the same time never see each other's partial rules.
     """
     payers = list(payer_ids) if payer_ids else list(library)
     for p in payers:
         library[p]  # an unknown payer id fails here, naming the known ones
-    refresh_statistics(engine)
+    if encounter_ids is None:
+        refresh_statistics(engine)
     until = as_of
     since = as_of - timedelta(days=lookback_days)
     window = [Encounter.admitted_at >= since, Encounter.admitted_at < until]
@@ -151,7 +153,7 @@ def sweep(
         if progress:
             progress(result.encounters_scanned)
     with session_scope(engine) as s:
-        result.expired = len(expire_overdue(s, as_of, actor))
+        result.expired = len(expire_overdue(s, as_of, actor, encounter_ids))
     return result
 
 
@@ -411,10 +413,12 @@ def case_facts(s: Session, case_ids: list[int]) -> list[CaseFacts]:
     return facts
 
 
-def expire_overdue(s: Session, as_of: datetime, actor: Actor) -> list[int]:
-    """Cases not yet sent whose deadline has passed: expired, in one statement."""
-    overdue = s.execute(
-        sa.select(RetroCase.id).where(RetroCase.status.in_(PRE_SUBMISSION), RetroCase.due_at < as_of)
-    ).scalars().all()
+def expire_overdue(s: Session, as_of: datetime, actor: Actor,
+                   encounter_ids: Sequence[int] | None = None) -> list[int]:
+    """Cases not yet sent whose deadline has passed (of ``encounter_ids``, or all): expired, in one statement."""
+    q = sa.select(RetroCase.id).where(RetroCase.status.in_(PRE_SUBMISSION), RetroCase.due_at < as_of)
+    if encounter_ids is not None:
+        q = q.where(RetroCase.encounter_id.in_(list(encounter_ids)))
+    overdue = s.execute(q).scalars().all()
     return transition_many(s, overdue, CaseStatus.EXPIRED, from_statuses=PRE_SUBMISSION, actor=actor,
                            details={c: {"why": "deadline_passed"} for c in overdue})

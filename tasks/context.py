@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import hashlib
+from datetime import datetime, timezone
 from functools import lru_cache
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -66,3 +68,26 @@ def actor() -> Actor:
     from prefect.runtime import flow_run
 
     return Actor(run_id=str(flow_run.id) if flow_run.id else None, name=f"flow:{flow_run.flow_name or 'local'}")
+
+
+def run_time() -> datetime:
+    """When the running flow run was scheduled to start (now, outside a flow run). It stays the same
+    when the run is retried, so "as of" dates and the batches' cache keys do not move between attempts."""
+    from prefect.runtime import flow_run
+
+    t = flow_run.scheduled_start_time if flow_run.id else None
+    return datetime.fromtimestamp(t.timestamp(), timezone.utc) if t else datetime.now(timezone.utc)
+
+
+def batch_cache_key(task_context: Any, parameters: dict[str, Any]) -> str | None:
+    """Cache key of an expensive batch (assemble, render): the task, the top-level flow run, and the
+    batch's case ids. A retried flow run (from the UI, or a parent's retry that starts a fresh subflow run)
+    finds each completed batch's persisted result and skips it; any other run does its own work, and the
+    database decides what is left to do. Ids only: the key is a file name in the result storage."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return None  # a task called outside a flow run: no caching
+    ids = ",".join(str(i) for i in sorted(parameters.get("case_ids") or []))
+    digest = hashlib.sha256(ids.encode()).hexdigest()[:24]
+    return f"{task_context.task.name}-{flow_run.root_flow_run_id}-{digest}"

@@ -19,10 +19,11 @@ def find_cases_needing_packets(limit: int | None = None) -> list[int]:
 
 
 @task(name="assemble-packets", retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      retry_jitter_factor=0.5)
+      retry_jitter_factor=0.5, cache_key_fn=context.batch_cache_key, persist_result=True)
 def assemble_batch(case_ids: list[int], as_of: datetime) -> dict:
     """Build or refresh the batch's packets. A storage failure fails the run after the other cases are
-    done, so the retry (5, 10, 20, 40 s, +-50% jitter) redoes only the failed ones: the rest are unchanged."""
+    done, so the retry (5, 10, 20, 40 s, +-50% jitter) redoes only the failed ones: the rest are unchanged.
+    A finished batch keeps its result: a retry of the flow run skips it (``context.batch_cache_key``)."""
     result = assemble(context.engine(), context.storage(), context.rule_library(), case_ids,
                       actor=context.actor(), as_of=as_of)
     if result.failed:

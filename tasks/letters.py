@@ -38,13 +38,15 @@ def find_cases_to_render(limit: int | None = None) -> list[int]:
 
 
 @task(name="render-letters", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      retry_jitter_factor=0.5, retry_condition_fn=_retry_unless_template_problem)
+      retry_jitter_factor=0.5, retry_condition_fn=_retry_unless_template_problem,
+      cache_key_fn=context.batch_cache_key, persist_result=True)
 def render_batch(case_ids: list[int], as_of: datetime) -> dict:
     """Render, store and record the batch's letters; ready cases move to letter_rendered.
 
     Failed cases fail the run after the others are committed, so a retry redoes only those (the rest
     are unchanged and write nothing). A template problem is not retried: the message names the
-    template file and line to fix."""
+    template file and line to fix. A finished batch keeps its result: a retry of the flow run skips it
+    (``context.batch_cache_key``)."""
     s = context.settings()
     result = render_letters(
         context.engine(), context.storage(), s, context.rule_library(), case_ids,

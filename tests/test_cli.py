@@ -41,7 +41,7 @@ def test_bad_setting_stops_with_its_name_and_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [[], ["init"], ["settings"], ["cases"], ["case"], ["case", "show"],
-                                 ["payers"], ["payers", "check"], ["demo"], ["submit"], ["record"],
+                                 ["payers"], ["payers", "check"], ["demo"], ["submit"], ["record"], ["serve"], ["worker"], ["trigger", "urgent"], ["follow-ups"], ["payer-sim"],
                                  ["letter"], ["templates", "check"], ["packets", "build"], ["generate"], ["sweep"],
                                  ["import", "fhir"], ["import", "csv"], ["import", "remit"], ["imports"]])
 def test_every_command_has_help(tmp_path, cmd):
