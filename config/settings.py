@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         "often holds a token): `retroauth settings` shows stars",
     )
 
+    prefect_login: SecretStr | None = Field(
+        None,
+        description="user:password that `retroauth serve`'s Prefect server requires for its UI and API "
+        "(PREFECT_SERVER_API_AUTH_STRING); the workers and commands started here send it. Unset: no login, "
+        "so keep the server on 127.0.0.1",
+    )
     pas_token: SecretStr | None = Field(
         None,
         description="Bearer token for the payers' Da Vinci PAS endpoints (channel fhir_pas). Never logged "

@@ -89,6 +89,8 @@ def prefect_env(settings: Settings, api: str, poll_seconds: float | None = None)
         env[k] = os.environ.get(k) or v
     if settings.prefect_database_url is not None:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = settings.prefect_database_url.get_secret_value()
+    if settings.prefect_login is not None:  # the server asks for it; our clients (workers, commands) send it
+        env["PREFECT_SERVER_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"] = settings.prefect_login.get_secret_value()
     return env
 
 
