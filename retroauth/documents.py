@@ -49,6 +49,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlmodel import Session
 
+from retroauth import failpoints
 from retroauth.cases import Actor, StaleCase, record_event, transition
 from retroauth.db import session_scope
 from retroauth.models import (
@@ -937,6 +938,7 @@ def assemble(
         elif status == CaseStatus.AWAITING_DOCUMENTATION:
             result.awaiting += 1
             result.missing[c.case.id] = missing
+    failpoints.hit("assemble.after_batch")
     return result
 
 

@@ -52,6 +52,7 @@ from jinja2 import meta
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from sqlmodel import Session
 
+from retroauth import failpoints
 from retroauth.cases import Actor, record_event, transition_many
 from retroauth.db import session_scope
 from retroauth.models import (
@@ -1192,6 +1193,7 @@ def render_letters(
             else:
                 result.unchanged += 1
         result.moved = len(moved)
+    failpoints.hit("render.after_batch")
     return result
 
 

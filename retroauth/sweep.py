@@ -18,6 +18,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlmodel import Session
 
+from retroauth import failpoints
 from retroauth.cases import Actor, record_event, transition_many
 from retroauth.db import refresh_statistics, session_scope
 from retroauth.deadlines import Deadline, start_of_day, window_due
@@ -148,6 +149,7 @@ def sweep(
             if not page:
                 break
             _sweep_batch(s, library, payers, list(page), as_of, actor, result, only_payers=bool(payer_ids))
+        failpoints.hit("sweep.after_page")
         last_id = page[-1]
         result.encounters_scanned += len(page)
         if progress:
