@@ -36,6 +36,7 @@ from retroauth.x12 import X12Error, read_segments, read_transactions
 from retroauth.x12.check import check_278
 from retroauth.x12.x278 import read_278_response, write_278_request
 from tests.test_letters import make_case
+from tests.test_outbox import storage  # noqa: F401 - the fixture (a LocalStorage counting its writes)
 from tests.test_x278 import CORPUS, EMERGENCY_TRACE, IMAGING, IMAGING_REF, IMAGING_TRACE, WHEN, pyx12_segments
 
 CHI = ZoneInfo("America/Chicago")
@@ -50,19 +51,6 @@ NPI, COMPANY_ID = SETTINGS.facility_npi, "1" + "".join(c for c in SETTINGS.facil
 ZONE = ZoneInfo(SETTINGS.facility_timezone)
 
 
-class CountingStorage(LocalStorage):
-    def __init__(self, root):
-        super().__init__(root)
-        self.puts: list[str] = []
-
-    def put(self, key, data, content_type="application/octet-stream"):
-        self.puts.append(key)
-        return super().put(key, data, content_type)
-
-
-@pytest.fixture
-def storage(tmp_path):
-    return CountingStorage(tmp_path / "storage")
 
 
 def x12_case(engine, reason: str = "administrative_error", n: int = 1) -> int:

@@ -10,10 +10,16 @@ code (never patient data); anything else is transient and is retried with the sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
+
+from retroauth.db import session_scope
+from retroauth.models import (
+    CaseServiceLine, Coverage, Diagnosis, Encounter, Packet, Patient, RetroCase, ServiceLine,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,41 @@ class Answer:
     certification_number: str | None = None
     reason_codes: tuple[str, ...] = ()
     response_key: str | None = None  # the answer as received, in storage
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """What every channel reads of one case to build its request (detached rows: read-only)."""
+
+    case: RetroCase
+    encounter: Encounter
+    patient: Patient
+    coverage: Coverage
+    lines: Sequence[ServiceLine]  # the case's services, in line order
+    diagnoses: Sequence[Diagnosis]  # the encounter's, by rank
+    packet: Packet | None
+
+
+def case_record(engine: sa.Engine, case_id: int) -> CaseRecord:
+    """The case and its encounter, patient, coverage (the case's, else the patient's with that payer,
+    primary first), services, diagnoses and packet. ``ChannelRefused("case_incomplete")`` without a
+    coverage or services: nothing to ask for."""
+    with session_scope(engine) as s:
+        case = s.get(RetroCase, case_id)
+        enc = s.get(Encounter, case.encounter_id)
+        cov = s.get(Coverage, case.coverage_id) if case.coverage_id else s.execute(
+            sa.select(Coverage).where(Coverage.patient_id == enc.patient_id, Coverage.payer_id == case.payer_id)
+            .order_by(Coverage.priority)).scalars().first()
+        lines = s.execute(sa.select(ServiceLine).join(CaseServiceLine, CaseServiceLine.service_line_id == ServiceLine.id)
+                          .where(CaseServiceLine.case_id == case_id).order_by(ServiceLine.line_number)).scalars().all()
+        if cov is None or not lines:
+            raise ChannelRefused("case_incomplete")
+        return CaseRecord(
+            case=case, encounter=enc, patient=s.get(Patient, enc.patient_id), coverage=cov, lines=lines,
+            diagnoses=s.execute(sa.select(Diagnosis).where(Diagnosis.encounter_id == enc.id)
+                                .order_by(Diagnosis.rank, Diagnosis.id)).scalars().all(),
+            packet=s.execute(sa.select(Packet).where(Packet.case_id == case_id)).scalars().first(),
+        )
 
 
 class ChannelRefused(Exception):

@@ -20,17 +20,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult
+from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult, case_record
 from retroauth.channels.pas import (
     LETTER_LOINC, PasClient, PasCoverage, PasDecision, PasDiagnosis, PasDocument, PasItem, PasOrganization,
     PasPatient, PasPractitioner, PasRejected, PasRequest, PasValidationError, build_pas_bundle,
     build_pas_inquiry_bundle,
 )
 from retroauth.db import session_scope
-from retroauth.models import (
-    CaseServiceLine, Coverage, Diagnosis, Encounter, Letter, Packet, Patient, RetroCase, ServiceLine, Submission,
-    utcnow,
-)
+from retroauth.models import Letter, Submission, utcnow
 from retroauth.storage import Storage, key
 from retroauth.vocab import CodeSystem
 
@@ -41,20 +38,8 @@ _INSTITUTIONAL = {"inpatient", "emergency", "observation"}
 
 def pas_request_for(engine: sa.Engine, library: Any, settings: Any, case_id: int) -> PasRequest:
     """What the payer needs to decide, read from the database (the packet's documents by checksum)."""
-    with session_scope(engine) as s:
-        case = s.get(RetroCase, case_id)
-        enc = s.get(Encounter, case.encounter_id)
-        patient = s.get(Patient, enc.patient_id)
-        cov = s.get(Coverage, case.coverage_id) if case.coverage_id else s.execute(
-            sa.select(Coverage).where(Coverage.patient_id == enc.patient_id, Coverage.payer_id == case.payer_id)
-            .order_by(Coverage.priority)).scalars().first()
-        lines = s.execute(sa.select(ServiceLine).join(CaseServiceLine, CaseServiceLine.service_line_id == ServiceLine.id)
-                          .where(CaseServiceLine.case_id == case_id).order_by(ServiceLine.line_number)).scalars().all()
-        dx = s.execute(sa.select(Diagnosis).where(Diagnosis.encounter_id == enc.id)
-                       .order_by(Diagnosis.rank, Diagnosis.id)).scalars().all()
-        packet = s.execute(sa.select(Packet).where(Packet.case_id == case_id)).scalars().first()
-    if cov is None or not lines:
-        raise ChannelRefused("case_incomplete")
+    r = case_record(engine, case_id)
+    case, enc, patient, cov, lines, dx, packet = r.case, r.encounter, r.patient, r.coverage, r.lines, r.diagnoses, r.packet
     payer = library[case.payer_id]
     npis = sorted({ln.rendering_npi for ln in lines if ln.rendering_npi})
     diagnoses = tuple(PasDiagnosis(d.code) for d in dx if d.code_system == "ICD10CM")

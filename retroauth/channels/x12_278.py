@@ -39,11 +39,9 @@ from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 
-from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult
+from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult, case_record
 from retroauth.db import session_scope
-from retroauth.models import (
-    CaseServiceLine, Coverage, Diagnosis, Encounter, Packet, Patient, RetroCase, ServiceLine, Submission,
-)
+from retroauth.models import ServiceLine, Submission
 from retroauth.storage import Storage, key
 from retroauth.x12.check import check_278
 from retroauth.x12.parse import X12Error
@@ -95,21 +93,8 @@ def request_278_for(engine: sa.Engine, library: Any, settings: Any, case_id: int
     SV2 needs a procedure code beside the revenue code, which a service line does not have): an inpatient stay
     goes as the admission review (UM01 AR, DTP*435/096). Raises ``ChannelRefused`` without coverage or lines,
     ``Request278Error`` (a field name) for data the writer cannot take."""
-    with session_scope(engine) as s:
-        case = s.get(RetroCase, case_id)
-        enc = s.get(Encounter, case.encounter_id)
-        patient = s.get(Patient, enc.patient_id)
-        cov = s.get(Coverage, case.coverage_id) if case.coverage_id else s.execute(
-            sa.select(Coverage).where(Coverage.patient_id == enc.patient_id, Coverage.payer_id == case.payer_id)
-            .order_by(Coverage.priority)).scalars().first()
-        lines = s.execute(sa.select(ServiceLine)
-                          .join(CaseServiceLine, CaseServiceLine.service_line_id == ServiceLine.id)
-                          .where(CaseServiceLine.case_id == case_id).order_by(ServiceLine.line_number)).scalars().all()
-        dx = s.execute(sa.select(Diagnosis).where(Diagnosis.encounter_id == enc.id)
-                       .order_by(Diagnosis.rank, Diagnosis.id)).scalars().all()
-        packet = s.execute(sa.select(Packet).where(Packet.case_id == case_id)).scalars().first()
-    if cov is None or not lines:
-        raise ChannelRefused("case_incomplete")
+    r = case_record(engine, case_id)
+    case, enc, patient, cov, lines, dx, packet = r.case, r.encounter, r.patient, r.coverage, r.lines, r.diagnoses, r.packet
     inpatient = enc.encounter_class == "inpatient"
     admitted, discharged = _local_date(enc.admitted_at, enc.timezone), _local_date(enc.discharged_at, enc.timezone)
     days = [ln.service_date for ln in lines] + ([d for d in (admitted, discharged) if d] if inpatient else [])
