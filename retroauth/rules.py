@@ -313,6 +313,14 @@ class CodeSet(_Model):
     code_system: CodeSystem
     codes: list[CodeEntry] = Field(min_length=1)
 
+    @field_validator("codes")
+    @classmethod
+    def _no_repeats(cls, v: list[str]) -> list[str]:
+        dups = sorted({c for c in v if v.count(c) > 1})  # a copy-paste slip, and code_count would count it twice
+        if dups:
+            raise ValueError(f"code listed twice: {', '.join(dups)}")
+        return v
+
     def ranges(self) -> list[tuple[str, str]]:
         """(lo, hi) per entry, lo == hi for a single code."""
         return [split_code_entry(c, self.code_system) for c in self.codes]
@@ -540,7 +548,7 @@ class PayerRules(_Model):
     def _zone(cls, v: str) -> str:
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
             raise ValueError(f"{v!r} is not an IANA time zone such as America/Chicago") from None
         return v
 
@@ -685,10 +693,17 @@ def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int], list[Problem]]:
     """The file's data, the line of each key path, and its YAML-level problems."""
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
         return None, {}, [Problem(name, "", None, f"cannot read the file: {exc.__class__.__name__}")]
-    loader = _RuleLoader(text)
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        return None, {}, [Problem(name, "", line, "cannot read the file: not UTF-8 text")]
+    try:
+        loader = _RuleLoader(text)  # it checks every character first
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        return None, {}, [Problem(name, "", line, f"YAML error: character #x{exc.character:04x} is not allowed in YAML")]
     try:
         node = loader.get_single_node()
         if node is None:
@@ -710,6 +725,8 @@ def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int], list[Problem]]:
         return None, {}, [Problem(name, "", mark.line + 1 if mark else None, f"YAML syntax error: {detail}")]
     except yaml.YAMLError as exc:
         return None, {}, [Problem(name, "", None, f"YAML error: {exc}")]
+    except RecursionError:  # the composer recurses once per level: "[[[[..." thousands deep
+        return None, {}, [Problem(name, "", loader.line + 1, "YAML error: collections nested too deeply")]
     finally:
         loader.dispose()
 

@@ -26,6 +26,10 @@ How it works:
   or a field that does not validate, becomes an ``ImportProblem`` naming the file, line, record and
   column; the other rows go through. A record goes in whole or not at all, and so do the records that
   depend on it: a service line whose encounter was rejected in this run is rejected too, and says so.
+  A value with a NUL character is a problem for its column (no database text can hold one). Text
+  that is not UTF-8, or not CSV (a quote left open, text after a closing quote: the reader is
+  strict, so an open quote cannot swallow the rows after it), ends the file at that line with one
+  problem; the rows before it go in.
 - Importing the same directory again changes nothing: a row is only rewritten where a value differs,
   and a document whose bytes are already stored under its key is not written again.
 - Nothing is deleted: a service line missing from a later export stays. The exception is the code
@@ -55,7 +59,7 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from enum import StrEnum
 from functools import lru_cache
@@ -146,6 +150,7 @@ _POS = re.compile(r"\d{2}", re.ASCII)
 _TYPE_OF_BILL = re.compile(r"0?\d{3}", re.ASCII)
 _INTEGER = re.compile(r"\d{1,9}", re.ASCII)
 _MODIFIER = re.compile(r"[A-Z0-9]{2}")
+_COLUMN_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}", re.ASCII)
 _CONTENT_TYPE = re.compile(r"[a-z]+/[a-z0-9.+-]+(?:;.*)?")
 _EXTENSIONS = {"text/plain": "txt", "text/html": "html", "application/pdf": "pdf", "text/rtf": "rtf",
                "application/rtf": "rtf", "text/xml": "xml", "application/xml": "xml", "application/json": "json",
@@ -197,7 +202,7 @@ def import_csv(
 def _zone(name: str) -> ZoneInfo | None:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
         return None
 
 
@@ -272,6 +277,10 @@ class Fields:
             raise FieldError(column, "not a valid date and time") from None
         if parsed.date() < _EARLIEST:
             raise FieldError(column, f"before {_EARLIEST.year}")
+        try:
+            parsed.astimezone(timezone.utc)  # it is stored in UTC: late on 9999-12-31 west of UTC is not
+        except OverflowError:
+            raise FieldError(column, "out of range (after 9999-12-31 in UTC)") from None
         return parsed
 
     def integer(self, column: str, low: int, high: int, *, default: int | None = None) -> int | None:
@@ -324,7 +333,7 @@ def _decoded(fh: IO[bytes]) -> Iterator[str]:
 
 def _resource(spec: FileSpec, own_id: str | None) -> str:
     """What a problem names: ``Encounter/<encounter_id>``, or the record type alone."""
-    return f"{spec.record}/{own_id}" if own_id and len(own_id) <= 128 else spec.record
+    return f"{spec.record}/{own_id}" if own_id and len(own_id) <= 128 and "\x00" not in own_id else spec.record
 
 
 def _count_rows(path: Path) -> int:
@@ -392,7 +401,8 @@ class _Import:
     def import_file(self, spec: FileSpec) -> None:
         counts = self.summary.of(spec.record)
         with (self.directory / spec.name).open("rb") as fh:
-            reader = csv.DictReader(_decoded(fh))
+            # strict: a quote left open would otherwise swallow every row after it into one value
+            reader = csv.DictReader(_decoded(fh), strict=True)
             batch: Batch = []
             try:
                 header = self._header(spec, reader)
@@ -403,16 +413,22 @@ class _Import:
                     if None in record or None in record.values():
                         self._wrong_width(spec, reader.line_num, len(header), record)
                         continue
+                    if (column := next((k for k, v in record.items() if v and "\x00" in v), None)) is not None:
+                        self._nul(spec, reader.line_num, column, record)
+                        continue
                     batch.append((reader.line_num, record))
                     if len(batch) >= self.batch_size:
                         self._flush(spec, header, batch)
                         batch = []
-            except UnicodeDecodeError:
-                self._problem(_Src(spec.name, reader.line_num + 1, spec.record), "(file)",
+            except UnicodeDecodeError:  # the physical line that failed to decode: the lines read so far + 1
+                self._problem(_Src(spec.name, reader.reader.line_num + 1, spec.record), "(file)",
                               "not UTF-8 text: this line and the rest of the file were not read")  # fmt: skip
-            except csv.Error:  # a NUL byte, an unclosed quote: its message can quote the line
-                self._problem(_Src(spec.name, reader.line_num, spec.record), "(file)",
-                              "not readable as CSV: this line and the rest of the file were not read")  # fmt: skip
+            except csv.Error:  # an unclosed quote, a field too large: its message can quote the line
+                # DictReader.line_num is the last line of the last good record: this record starts after it
+                self._problem(_Src(spec.name, reader.line_num + 1, spec.record), "(file)",
+                              "not readable as CSV (a quote left open, text after a closing quote, a value over "
+                              "128 KiB): the record starting on this line and the rest of the file were not "
+                              "read")  # fmt: skip
             if batch:  # the rows read before a broken line still go in
                 self._flush(spec, header, batch)
 
@@ -423,6 +439,12 @@ class _Import:
         self._problem(_Src(spec.name, line, _resource(spec, own_id), own_id), "(row)",
                       f"has {n} fields, the header has {width}")  # fmt: skip
 
+    def _nul(self, spec: FileSpec, line: int, column: str, record: dict[str, str]) -> None:
+        """A NUL in a value: no database text can hold it (PostgreSQL refuses it even in a lookup)."""
+        own_id = (record.get(spec.id_column) or "").strip() or None if spec.id_column else None
+        self._problem(_Src(spec.name, line, _resource(spec, own_id), own_id), column,
+                      "contains a NUL character: no database text can hold it")  # fmt: skip
+
     def _header(self, spec: FileSpec, reader: csv.DictReader[str]) -> list[str] | None:
         """The normalized column names, or None (and a problem per column) when the file cannot be read."""
         src = _Src(spec.name, 1, spec.record)
@@ -431,10 +453,14 @@ class _Import:
             self._problem(src, "(header)", "empty file: no header row")
             return None
         names = [name.strip().lower() for name in raw]
+        if not set(names) & set(spec.columns):  # a first row of data, not a header: never repeat its values
+            self._problem(src, "(header)", "none of the file's columns in the first line: is the header row missing?")
+            return None
         bad = False
         for i, name in enumerate(names):
-            if name not in spec.columns:
-                self._problem(src, name or f"(column {i + 1})", "unknown column (not in the format)")
+            if name not in spec.columns:  # named when it looks like a column name (a typo), else by position
+                shown = name if _COLUMN_NAME.fullmatch(name) else f"(column {i + 1})"
+                self._problem(src, shown, "unknown column (not in the format)")
                 bad = True
             elif names.index(name) != i:
                 self._problem(src, name, "column appears more than once")
@@ -743,11 +769,14 @@ class _Import:
         relative = PurePosixPath(value.replace("\\", "/"))
         if relative.is_absolute() or ".." in relative.parts:
             raise FieldError("file", "must be a relative path inside the import directory")
-        path = (self.directory / relative).resolve()
-        if not path.is_relative_to(self.directory):
-            raise FieldError("file", "must be a relative path inside the import directory")
-        if not path.is_file():
-            raise FieldError("file", "no such file in the import directory")
+        try:
+            path = (self.directory / relative).resolve()
+            if not path.is_relative_to(self.directory):
+                raise FieldError("file", "must be a relative path inside the import directory")
+            if not path.is_file():
+                raise FieldError("file", "no such file in the import directory")
+        except (OSError, ValueError):  # a NUL byte, a name too long: the OS's message would quote the path
+            raise FieldError("file", "not a usable file path (a NUL byte, or a name too long)") from None
         return path
 
     def _store_documents(self, items: list[tuple[_Src, _Doc]]) -> list[tuple[_Src, dict[str, Any]]]:

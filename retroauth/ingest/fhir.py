@@ -13,8 +13,10 @@ How it works:
   transaction. Importing the same export again changes nothing: no new rows, no updated rows, no
   document written again.
 - A bad line (invalid JSON, a required field missing, a reference that resolves to nothing, a bad
-  date, undecodable content) becomes an ``ImportProblem`` naming file, line, resource and field, and
-  the rest of the batch goes through. Each resource is one row, so it goes in whole or not at all.
+  date, undecodable content, a string no database text can hold: a NUL or half a surrogate pair)
+  becomes an ``ImportProblem`` naming file, line, resource and field, and the rest of the batch goes
+  through. Each resource is one row, so it goes in whole or not at all. A ``.gz`` file cut short
+  ends with a problem at the line it stops on; the lines before it go in.
 
 Mapping decisions (also in the report of the change that added this module):
 - place of service from the encounter class: EMER 23, IMP/ACUTE 21, OBSENC 22, HH 12, VR 02; AMB is
@@ -46,6 +48,7 @@ import hashlib
 import json
 import logging
 import re
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,6 +92,11 @@ DEFAULT_COVERAGE_FROM = date(2000, 1, 1)
 _FILE_NAME = re.compile(r"^([A-Z][A-Za-z]*)(?:\.[A-Za-z0-9_-]+)*\.ndjson(?:\.gz)?$")
 _DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?$")
 _PARTIAL_DATE = re.compile(r"^\d{4}(-\d{2})?$")
+# A JSON escape of NUL or of half a surrogate pair: only lines with one are searched for bad strings.
+_MAYBE_UNSTORABLE = re.compile(rb"\\u(?:0000|[dD][89abAB][0-9a-fA-F]{2})")
+# What reading a file can raise once it is open: a .gz cut short (EOFError), not gzip (BadGzipFile, an
+# OSError), corrupt deflate data (zlib.error), a failing disk.
+_UNREADABLE = (OSError, EOFError, zlib.error)
 _BATCH_BYTES = 32 * 1024 * 1024  # a batch of big documents is cut short to keep memory flat
 _PUT_THREADS = 8
 
@@ -207,16 +215,18 @@ def _clip(value: Any, length: int) -> str | None:
 
 
 def _codings(concept: Any) -> Iterator[dict[str, Any]]:
-    """The codings of a CodeableConcept, or of a list of them."""
+    """The codings of a CodeableConcept, or of a list of them. A coding whose system or code is not a
+    string is no coding at all (and would break the sets and lookups the codes go into)."""
     for cc in concept if isinstance(concept, list) else [concept]:
-        yield from (c for c in _as_list(_as_dict(cc).get("coding")) if isinstance(c, dict))
+        yield from (c for c in _as_list(_as_dict(cc).get("coding"))
+                    if isinstance(c, dict) and all(isinstance(c.get(k, ""), str) for k in ("system", "code")))
 
 
 @lru_cache(maxsize=256)
 def _zone(name: str) -> ZoneInfo | None:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a file name
         return None
 
 
@@ -229,6 +239,10 @@ def parse_instant(value: Any, tz: str, field: str) -> datetime:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise FieldError(field, "not a valid date or time") from None
+    # Year 1, or a time in year 9999, leaves datetime's range once moved to UTC or another zone; a date
+    # alone may be 9999-12-31 (an open end).
+    if parsed.year == 1 or (parsed.year == 9999 and "T" in value):
+        raise FieldError(field, "out of range (year 0001, or a time in year 9999)")
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=_zone(tz))
 
 
@@ -243,8 +257,33 @@ def parse_date(value: Any, field: str, *, partial_ok: bool = False) -> date | No
         raise FieldError(field, "not a valid date") from None
 
 
+def _unstorable(value: Any) -> str | None:
+    """The path (``name[0].family``) of the first string no database text column can hold: one with a
+    NUL (PostgreSQL refuses it) or half of a surrogate pair (it cannot be encoded as UTF-8)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:  # iterative: the JSON may be nested as deep as the decoder allowed
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item or any("\ud800" <= c <= "\udfff" for c in item):
+                return path or "(json)"
+        elif isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(item.items())
+                         if str(k).isprintable())
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return None
+
+
 def _npi(value: Any) -> str | None:
-    return value if isinstance(value, str) and len(value) == 10 and value.isdigit() else None
+    return value if isinstance(value, str) and len(value) == 10 and value.isascii() and value.isdigit() else None
+
+
+def _code_element(r: Mapping[str, Any], name: str) -> str | None:
+    """A ``code`` element such as ``status``: a string, or missing."""
+    value = r.get(name)
+    if value is not None and not isinstance(value, str):
+        raise FieldError(name, "not a code (a JSON string)")
+    return value
 
 
 def _identifiers(resource: Mapping[str, Any]) -> list[tuple[str | None, str]]:
@@ -308,20 +347,37 @@ def _money(value: Any) -> Decimal | None:
     if amount is None or isinstance(amount, bool):
         return None
     try:
-        return Decimal(str(amount)).quantize(Decimal("0.01"))
+        money = Decimal(str(amount)).quantize(Decimal("0.01"))
     except InvalidOperation:
         return None
+    return money if money.is_finite() else None  # JSON as Python reads it has NaN and Infinity
 
 
 def _count_lines(path: Path) -> int:
-    """Lines of a file not imported: counted at C speed, not parsed."""
+    """Lines of a file not imported: counted at C speed, not parsed (in a .gz cut short, those before the cut)."""
+    lines = 0
     with _open(path) as fh:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+        try:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                lines += chunk.count(b"\n")
+        except _UNREADABLE:
+            pass
+    return lines
+
+
+def _csv_lines(fh: IO[bytes]) -> Iterator[str]:
+    """A CSV file's lines decoded one at a time: a bad byte is reported at its own line, after the rows
+    before it (a text stream decodes ahead in chunks and would fail early)."""
+    for i, raw in enumerate(fh):
+        yield raw.decode("utf-8-sig" if i == 0 else "utf-8")
 
 
 def _csv_columns(path: Path) -> list[str]:
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        header = next(csv.reader(fh), [])
+    try:
+        with path.open("rb") as fh:
+            header = next(csv.reader(_csv_lines(fh), strict=True), [])
+    except (UnicodeDecodeError, csv.Error):
+        raise IngestError(f"{path.name}: the header (line 1) is not UTF-8 CSV") from None
     if missing := [c for c in CSV_REQUIRED if c not in header]:
         raise IngestError(f"{path.name}: missing columns {', '.join(missing)}")
     return header
@@ -488,19 +544,26 @@ class _Import:
         counts = self.summary.of(resource_type)
         batch: list[tuple[int, dict[str, Any]]] = []
         size = 0
+        lineno = 0
         with _open(path) as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                counts.read += 1
-                resource = self._parse_line(path.name, lineno, resource_type, raw)
-                if resource is None:
-                    continue
-                batch.append((lineno, resource))
-                size += len(raw)
-                if len(batch) >= self.batch_size or size >= _BATCH_BYTES:
-                    self._flush(resource_type, path.name, batch)
-                    batch, size = [], 0
+            try:
+                for lineno, raw in enumerate(fh, start=1):
+                    if not raw.strip():
+                        continue
+                    counts.read += 1
+                    resource = self._parse_line(path.name, lineno, resource_type, raw)
+                    if resource is None:
+                        continue
+                    batch.append((lineno, resource))
+                    size += len(raw)
+                    if len(batch) >= self.batch_size or size >= _BATCH_BYTES:
+                        self._flush(resource_type, path.name, batch)
+                        batch, size = [], 0
+            except _UNREADABLE as e:  # a .gz cut short or corrupt: the lines before go in
+                why = "the compressed data is cut short or corrupt" if path.name.endswith(".gz") else (
+                    f"could not be read ({type(e).__name__})")
+                self._problem(_Src(path.name, lineno + 1, resource_type), "(file)",
+                              f"{why}: this line and the rest of the file were not read")  # fmt: skip
         if batch:
             self._flush(resource_type, path.name, batch)
 
@@ -510,15 +573,26 @@ class _Import:
         except json.JSONDecodeError as e:  # e.msg and the column only: the text may be patient data
             self._problem(_Src(fname, lineno, resource_type), "(json)", f"invalid JSON: {e.msg} at column {e.colno}")
             return None
-        except ValueError:
+        except UnicodeDecodeError:
             self._problem(_Src(fname, lineno, resource_type), "(json)", "not UTF-8 text")
+            return None
+        except (ValueError, RecursionError):  # an integer of thousands of digits; arrays nested too deep
+            self._problem(_Src(fname, lineno, resource_type), "(json)", "invalid JSON: a number too long "
+                                                                        "or nesting too deep")  # fmt: skip
             return None
         if not isinstance(resource, dict):
             self._problem(_Src(fname, lineno, resource_type), "(json)", "not a JSON object")
             return None
+        if _MAYBE_UNSTORABLE.search(raw) and (path := _unstorable(resource)) is not None:
+            rid = resource.get("id")
+            named = f"{resource_type}/{rid}" if path != "id" and isinstance(rid, str) and rid.strip() else resource_type
+            self._problem(_Src(fname, lineno, named), path, "contains a NUL or an unpaired surrogate: "
+                                                            "no database text can hold it")  # fmt: skip
+            return None
         rid = resource.get("id")
         if not isinstance(rid, str) or not rid.strip():
-            self._problem(_Src(fname, lineno, resource_type), "id", "missing")
+            why = "missing" if rid is None else "not a non-empty string"
+            self._problem(_Src(fname, lineno, resource_type), "id", why)
             return None
         if resource.get("resourceType") != resource_type:
             self._problem(_Src(fname, lineno, f"{resource_type}/{rid}"), "resourceType",
@@ -719,7 +793,7 @@ class _Import:
         self._write("Coverage", items, self._write_coverages)
 
     def _coverage_row(self, r: dict[str, Any], patients: Mapping[str, sa.Row[Any]]) -> dict[str, Any] | None:
-        if r.get("status") in _SKIP_STATUS["Coverage"]:
+        if _code_element(r, "status") in _SKIP_STATUS["Coverage"]:
             return None
         patient = self._resolve(r.get("beneficiary"), "Patient", patients, "beneficiary")
         payors = _as_list(r.get("payor"))
@@ -786,7 +860,7 @@ class _Import:
         self._write("Encounter", items, lambda s, it: upsert(s, Encounter, [row for _, row in it]))
 
     def _encounter_row(self, r: dict[str, Any], patients: Mapping[str, sa.Row[Any]]) -> dict[str, Any] | None:
-        if r.get("status") in _SKIP_STATUS["Encounter"]:
+        if _code_element(r, "status") in _SKIP_STATUS["Encounter"]:
             self.skipped_encounters.add(r["id"])
             return None
         patient = self._resolve(r.get("subject"), "Patient", patients, "subject")
@@ -794,7 +868,7 @@ class _Import:
         code = klass.get("code") if isinstance(klass, dict) else next((c.get("code") for c in _codings(klass)), None)
         if code is None:
             raise FieldError("class", "missing")
-        if code not in FHIR_ENCOUNTER_CLASSES:
+        if not isinstance(code, str) or code not in FHIR_ENCOUNTER_CLASSES:
             raise FieldError("class", "not a supported encounter class")
 
         places = (self.locations.get(parse_ref(_as_dict(e).get("location"))) for e in _as_list(r.get("location")))
@@ -874,7 +948,7 @@ class _Import:
         return self._resolve(obj, "Encounter", encounters, field)
 
     def _service_line(self, r: dict[str, Any], encounters: Mapping[str, sa.Row[Any]]) -> _Line | None:
-        if r.get("status") in _SKIP_STATUS["Procedure"]:
+        if _code_element(r, "status") in _SKIP_STATUS["Procedure"]:
             return None
         encounter = self._encounter_of(r, encounters, "encounter")
         if encounter is None:
@@ -1045,7 +1119,7 @@ class _Import:
     def _document(
         self, r: dict[str, Any], patients: Mapping[str, sa.Row[Any]], encounters: Mapping[str, sa.Row[Any]]
     ) -> _Doc | None:
-        if r.get("status") in _SKIP_STATUS["DocumentReference"]:
+        if _code_element(r, "status") in _SKIP_STATUS["DocumentReference"]:
             return None
         patient = self._resolve(r.get("subject"), "Patient", patients, "subject")
         encounter = self._encounter_of(r, encounters, "context.encounter")
@@ -1143,13 +1217,15 @@ class _Import:
 
     def _claim_charges(self, r: dict[str, Any]) -> dict[str, Decimal] | None:
         """Procedure FHIR id -> charge, from the items that point at a procedure."""
-        if r.get("status") in _SKIP_STATUS["Claim"] or r.get("use") in ("preauthorization", "predetermination"):
+        if _code_element(r, "status") in _SKIP_STATUS["Claim"] or _code_element(r, "use") in (
+            "preauthorization", "predetermination"
+        ):
             return None
-        procedures: dict[Any, str] = {}
+        procedures: dict[int, str] = {}
         for p in _as_list(r.get("procedure")):
             ref = parse_ref(_as_dict(p).get("procedureReference"))
-            if ref is not None and ref.id and ref.type in (None, "Procedure"):
-                procedures[p.get("sequence")] = ref.id
+            if ref is not None and ref.id and ref.type in (None, "Procedure") and _whole(p.get("sequence")):
+                procedures[p["sequence"]] = ref.id
         charges: dict[str, Decimal] = {}
         for i, item in enumerate(_as_list(r.get("item"))):
             sequences = _as_list(_as_dict(item).get("procedureSequence"))
@@ -1158,10 +1234,15 @@ class _Import:
             amount = _money(item.get("net"))
             if amount is None and (unit := _money(item.get("unitPrice"))) is not None:
                 quantity = _as_dict(item.get("quantity")).get("value", 1)
-                amount = (unit * Decimal(str(quantity))).quantize(Decimal("0.01"))
+                try:
+                    amount = (unit * Decimal(str(quantity))).quantize(Decimal("0.01"))
+                except InvalidOperation:
+                    amount = None
+                if amount is None or not amount.is_finite():
+                    raise FieldError(f"item[{i}].quantity.value", "not a number")
             if amount is None:
                 raise FieldError(f"item[{i}].net", "missing or not a number")
-            procedure_id = procedures.get(sequences[0])
+            procedure_id = procedures.get(sequences[0]) if _whole(sequences[0]) else None
             if procedure_id is None:
                 raise FieldError(f"item[{i}].procedureSequence", "no procedure with that sequence")
             charges[procedure_id] = charges.get(procedure_id, Decimal("0")) + amount
@@ -1171,16 +1252,28 @@ class _Import:
 
     def import_coverage_csv(self, path: Path) -> None:
         counts = self.summary.of("coverage_csv")
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, fieldnames=_csv_columns(path))
-            next(reader, None)  # the header
+        with path.open("rb") as fh:
+            reader = csv.DictReader(_csv_lines(fh), fieldnames=_csv_columns(path), strict=True)
             batch: list[tuple[int, dict[str, str]]] = []
-            for record in reader:
-                counts.read += 1
-                batch.append((reader.line_num, record))
-                if len(batch) >= self.batch_size:
-                    self._coverage_csv_batch(path.name, batch)
-                    batch = []
+            try:
+                next(reader, None)  # the header
+                for record in reader:
+                    counts.read += 1
+                    if (column := next((k for k, v in record.items() if isinstance(v, str) and "\x00" in v), None)):
+                        self._problem(_Src(path.name, reader.line_num, "coverage_csv"), str(column),
+                                      "contains a NUL character: no database text can hold it")  # fmt: skip
+                        continue
+                    batch.append((reader.line_num, record))
+                    if len(batch) >= self.batch_size:
+                        self._coverage_csv_batch(path.name, batch)
+                        batch = []
+            except UnicodeDecodeError:  # the rows before it still go in; the line itself is never quoted
+                self._problem(_Src(path.name, reader.reader.line_num + 1, "coverage_csv"), "(file)",
+                              "not UTF-8 text: this line and the rest of the file were not read")  # fmt: skip
+            except csv.Error:  # a quote left open: named at the line its record starts on
+                self._problem(_Src(path.name, reader.line_num + 1, "coverage_csv"), "(file)",
+                              "not readable as CSV: the record starting on this line and the rest of the file "
+                              "were not read")  # fmt: skip
             if batch:
                 self._coverage_csv_batch(path.name, batch)
 
@@ -1222,8 +1315,8 @@ class _Import:
         if method not in {m.value for m in CoverageDiscovery}:
             raise FieldError("discovery_method", "not one of " + ", ".join(m.value for m in CoverageDiscovery))
         priority = value("priority")
-        if priority is not None and not priority.isdigit():
-            raise FieldError("priority", "not a whole number")
+        if priority is not None and not (priority.isascii() and priority.isdigit() and len(priority) <= 9):
+            raise FieldError("priority", "not a whole number")  # isdigit() alone takes '²', which int() refuses
         row = {
             "patient_id": patient.id,
             "payer_id": value("payer_id"),
@@ -1311,6 +1404,11 @@ class _Import:
 
 
 _COVERAGE_KEY = ("patient_id", "payer_id", "member_id", "effective_from")
+
+
+def _whole(value: Any) -> bool:
+    """A FHIR positiveInt/integer as JSON gives it (not a bool, which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _context_encounter(r: dict[str, Any]) -> Any:

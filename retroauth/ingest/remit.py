@@ -41,7 +41,9 @@ Rules:
   importing the same 835 again writes no row.
 - Envelope errors (a truncated file, a wrong SE01 count, mismatched control numbers, segments outside
   ST..SE) become problems naming file, segment number and segment id (``retroauth.x12.parse``); the
-  intact transaction sets of the same file are still imported.
+  intact transaction sets of the same file are still imported. So do transaction-set errors (no
+  remittance date; a claim segment such as SVC or CAS with no CLP before it): that transaction set
+  is not imported, the others are.
 
 Counts in the summary: ``Claim`` (read, updated: some line marked, unchanged, skipped, errors),
 ``ServiceLine`` (read: SVC loops, updated: rows written, unchanged: matched and already right or not
@@ -82,6 +84,7 @@ AUTH_RARCS = frozenset({"M62", "N54"})
 
 VERSION_PREFIX = "005010X221"  # 005010X221A1 (GS08; ST03 is not used in the 835)
 _SKIP_STATUS = {"22": "reversal", "25": "predetermination"}
+_CLAIM_SEGMENTS = frozenset({"SVC", "CAS", "LQ", "MOA", "MIA"})  # only inside a claim (loops 2100/2110)
 _QUALIFIER_SYSTEMS: dict[str, tuple[str, ...]] = {
     "HC": (CodeSystem.CPT, CodeSystem.HCPCS),
     "NU": (CodeSystem.REVENUE,),
@@ -176,9 +179,12 @@ def _claims(tx: Transaction) -> Iterator[_Claim]:
                 where = bpr if bpr is not None else seg
                 raise _TransactionError(where, "BPR16", "no valid payment date (BPR16, CCYYMMDD) nor production "
                                                         "date (DTM*405): the remittance date is unknown")  # fmt: skip
-            claim = _Claim(tx.file, seg.number, seg[1].strip()[:38], seg[2].strip(), remit_date, payee)
+            pcn = seg[1].strip()[:38]
+            claim = _Claim(tx.file, seg.number, pcn if "\x00" not in pcn else "", seg[2].strip(), remit_date, payee)
             svc = None
-            if not claim.pcn:
+            if "\x00" in pcn:  # no database text can hold it (PostgreSQL refuses it even in a lookup)
+                claim.fail(seg, "CLP01", "patient control number contains a NUL character")
+            elif not claim.pcn:
                 claim.fail(seg, "CLP01", "patient control number missing")
             elif not claim.status:
                 claim.fail(seg, "CLP02", "claim status missing")
@@ -194,6 +200,8 @@ def _claims(tx: Transaction) -> Iterator[_Claim]:
                 production_date = _d8(seg[2])
             elif sid == "N1" and seg[1] == "PE":
                 payee = seg[4].strip()
+            elif sid in _CLAIM_SEGMENTS:  # its CLP is missing: a denial in it would be lost without a word
+                raise _TransactionError(seg, "CLP", f"{sid} outside a claim: no CLP (claim payment) before it")
         elif sid == "SVC":
             svc = _service(claim, seg)
             if svc is not None:
@@ -242,6 +250,8 @@ def _cas(claim: _Claim, seg: Segment, into: list[_Adjustment]) -> None:
         try:
             amount = Decimal(seg[pos + 1].strip())
         except InvalidOperation:
+            amount = Decimal("NaN")
+        if not amount.is_finite():  # Decimal also reads NaN and Infinity, which cannot be compared
             claim.fail(seg, f"CAS{pos + 1:02d}", "adjustment amount is not a number")
             continue
         into.append(_Adjustment(group, reason, amount))

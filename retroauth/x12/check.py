@@ -35,7 +35,9 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 
-from retroauth.x12.parse import ISA_ELEMENTS, Segment, Separators, X12Error, check_envelopes, read_segments
+from retroauth.x12.parse import (
+    ISA_ELEMENTS, Segment, Separators, X12Error, check_envelopes, is_digits, read_segments,
+)  # fmt: skip
 
 __all__ = ["IMPLEMENTATION", "LEVEL_PARENTS", "SEGMENT_BOUNDS", "check_278", "segment_problems",
            "transaction_problems"]  # fmt: skip
@@ -269,7 +271,7 @@ def transaction_problems(segments: Sequence[Segment], file: str) -> list[X12Erro
             continue
         position += 1
         number: int | None = None
-        if not seg[1].isdigit():
+        if not is_digits(seg[1]):
             err(seg, "HL01", "is not a number")
         else:
             number = int(seg[1])
@@ -284,7 +286,7 @@ def transaction_problems(segments: Sequence[Segment], file: str) -> list[X12Erro
             if level in LEVEL_PARENTS and None not in LEVEL_PARENTS[level]:
                 err(seg, "HL02", f"level {level} ({LEVEL_NAMES[level]}) needs a parent HL")
             open_path = []
-        elif not parent_text.isdigit():
+        elif not is_digits(parent_text):
             err(seg, "HL02", "is not a number")
         else:
             parent = int(parent_text)

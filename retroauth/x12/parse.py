@@ -49,6 +49,7 @@ __all__ = [
 
 _CHUNK = 1 << 20
 _SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{1,2}$")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _ENVELOPE_IDS = frozenset({"ISA", "IEA", "GS", "GE", "ST", "SE"})
 ISA_ELEMENTS = 16
 
@@ -176,6 +177,12 @@ class Transaction:
 
 
 ErrorHandler = Callable[[X12Error], None]
+
+
+def is_digits(value: str) -> bool:
+    """An X12 number: ASCII digits only, and few enough for ``int``. (``str.isdigit`` also accepts
+    '²' or '٣', which ``int`` refuses or reads as a digit no X12 file has.)"""
+    return _DIGITS.fullmatch(value) is not None
 
 
 def _raise(error: X12Error) -> None:
@@ -406,14 +413,14 @@ class _Envelopes:
 
     def _match(self, trailer: Segment, pos: int, header: Segment, header_pos: int, element: str, message: str) -> bool:
         a, b = trailer[pos].strip(), header[header_pos].strip()
-        if a == b or (a.isdigit() and b.isdigit() and int(a) == int(b)):
+        if a == b or (is_digits(a) and is_digits(b) and int(a) == int(b)):
             return True
         self._error(trailer, element, f"{message}, segment {header.number}")
         return False
 
     def _count(self, trailer: Segment, pos: int, actual: int, element: str, what: str) -> bool:
         value = trailer[pos].strip()
-        if not value.isdigit():
+        if not is_digits(value):
             self._error(trailer, element, f"not a count of {what}")
             return False
         if int(value) != actual:

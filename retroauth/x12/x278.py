@@ -56,7 +56,8 @@ REF*NT administrative reference, certification dates (DTP*007 effective, DTP*036
 service code and dates, MSG text, and every AAA reject on the path from the root to that level
 (AAA can sit in any loop: 2000A/2010A payer, 2010B requester, 2010C subscriber, 2000E event,
 2000F service). A response that stops above the patient event (the payer rejected the request at
-the subscriber, say) gives one decision for its deepest level. Envelope and HL-tree problems raise
+the subscriber, say) gives one decision for its deepest level. Envelope and HL-tree problems, an
+HCR01 that is not a code of list 306 and an EV or SS level without our trace echoed (TRN*2) raise
 ``X12Error`` naming the file and the segment number.
 """
 
@@ -691,7 +692,8 @@ def read_278_response(text: str, file: str = "<278>") -> list[Decision278]:
 
     Raises ``X12Error`` (file, segment number, id, element; never a value) for an envelope problem
     (counts, control numbers, missing trailers, a truncated file), a transaction set that is not a
-    278 response, or a broken HL tree.
+    278 response, a broken HL tree, an unknown HCR01 action, or an EV or SS level whose decision
+    cannot be matched to our request (no TRN*2).
     """
     decisions: list[Decision278] = []
     for tx in read_transactions(io.StringIO(text), file=file):
@@ -734,6 +736,9 @@ def _decisions(body: Iterable[Segment], file: str, control: str, reference: str)
         elif sid == "TRN":
             current.traces.append((seg[1], seg[2], seg[3]))
         elif sid == "HCR" and current.hcr is None:
+            if seg[1] and seg[1] not in HCR_ACTIONS:  # an unknown action must not pass for a decision
+                raise X12Error(file, seg.number, "HCR", "HCR01", "is not a certification action code ("
+                               + ", ".join(HCR_ACTIONS) + ")")
             current.hcr = seg
         elif sid == "REF" and seg[1] not in current.refs:
             current.refs[seg[1]] = seg[2]
@@ -749,6 +754,9 @@ def _decisions(body: Iterable[Segment], file: str, control: str, reference: str)
         rejects = tuple(r for node in path for r in node.rejects)
         event = next((node for node in reversed(path) if node.level == "EV"), None)
         ours = _trace(lv, "2")
+        if ours is None and lv.level in ("EV", "SS"):  # we send a TRN at both levels: it must come back
+            raise X12Error(file, lv.seg.number, "HL", "TRN", f"level {lv.level} has no TRN*2 echoing our trace "
+                                                             "number: the decision cannot be matched to the request")
         payer = _trace(lv, "1")
         hcr = lv.hcr
         cert_from = cert_to = svc_from = svc_to = None
