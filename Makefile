@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test serve install clean sysdeps
 
-# Debian packages the tests need: PostgreSQL server binaries (the suite starts its own cluster).
-SYSTEM_PACKAGES := postgresql postgresql-contrib
+# Debian packages the tests need: PostgreSQL server binaries (the suite starts its own cluster) and Chromium
+# (tests/test_browser_retry.py clicks through the Prefect UI in it).
+SYSTEM_PACKAGES := postgresql postgresql-contrib chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +32,10 @@ test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 sysdeps:
-	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
-	  else echo "PostgreSQL server binaries missing: install $(SYSTEM_PACKAGES) (tests on PostgreSQL will be skipped)"; fi; \
+	  else echo "PostgreSQL server binaries or Chromium missing: install $(SYSTEM_PACKAGES) (tests on PostgreSQL or in the browser will be skipped)"; fi; \
 	fi
 
 clean:

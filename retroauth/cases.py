@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlmodel import Session
@@ -177,6 +178,24 @@ def record_event(
 ) -> None:
     """An audit entry that is not a state change (a note, a document received, a follow-up made)."""
     session.add(CaseEvent(case_id=case_id, run_id=actor.run_id, actor=actor.name, event=event, details=details))
+
+
+WAITING = (S.SUBMITTED, S.IN_REVIEW, S.APPEALED)  # the payer has our request or appeal
+
+
+def escalate(s: Session, case_ids: Sequence[int], why: str, as_of: datetime, actor: Actor) -> list[int]:
+    """Flag the cases still waiting for the payer (once each) for a person (``escalated_at``, ``!`` on the
+    worklist) with an audit event saying why (a code); returns those newly flagged."""
+    ids = list(s.execute(sa.select(RetroCase.id).where(RetroCase.id.in_(list(case_ids)),
+                                                       RetroCase.status.in_(WAITING),
+                                                       RetroCase.escalated_at.is_(None))).scalars())
+    if ids:
+        s.execute(sa.update(RetroCase).where(RetroCase.id.in_(ids)).values(escalated_at=as_of)
+                  .execution_options(synchronize_session=False))
+        s.execute(sa.insert(CaseEvent), [dict(case_id=cid, occurred_at=utcnow(), run_id=actor.run_id,
+                                              actor=actor.name, event="escalated", details={"why": why})
+                                         for cid in ids])
+    return ids
 
 
 def _event(case_id: int, src: str, dst: str, actor: Actor, details: dict | None, now) -> CaseEvent:  # noqa: ANN001

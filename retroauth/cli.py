@@ -48,6 +48,19 @@ err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
+# What a person does about an escalated case, by the escalation's code (cases.escalate).
+ESCALATION_HELP = {
+    "": "no payer answer in time, call the payer",
+    "review_sla_passed": "the payer's review time is over without an answer: call the payer",
+    "max_inquiries": "no answer after every status inquiry: call the payer",
+    "cannot_inquire": "this payer cannot be asked automatically: call the payer",
+    "auth_number_of_another_case": "the payer's approval carries an authorization number already on another "
+                                   "case: check both with the payer, then `retroauth record CASE --approved`",
+    "approval_without_coverage": "the payer approved, but the case has no coverage to record it against: "
+                                 "add it, then `retroauth record CASE --approved`",
+    "approval_without_lines": "the payer approved, but the case has no service lines: check the case",
+}
+
 
 class Exit(Exception):
     """A user-facing failure: printed without a traceback, exit code 2."""
@@ -444,7 +457,9 @@ def case_show(case_id: int, as_json: JsonOpt = False) -> None:
                          sub["tracking_number"] or "", _when(sub["sent_at"]))
         console.print(subs)
     if c["escalated_at"]:
-        console.print(f"[red]escalated {_when(c['escalated_at'])}: no payer answer in time, call the payer[/]")
+        whys = [e["details"].get("why") for e in detail["events"] if e["event"] == "escalated" and e["details"]]
+        help_ = ESCALATION_HELP.get(whys[-1] if whys else "", ESCALATION_HELP[""])
+        console.print(f"[red]escalated {_when(c['escalated_at'])}: {help_}[/]")
     if detail["appeals"]:
         appeals = Table("level", "status", "denial codes", "due", "filed", "decided", title="Appeals")
         for a in detail["appeals"]:

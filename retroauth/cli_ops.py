@@ -165,7 +165,8 @@ def serve(
     Starts a Prefect server on HOST:PORT (its database: SQLite under var/prefect, or PostgreSQL when
     RETROAUTH_PREFECT_DATABASE_URL is set; no telemetry), waits until it answers, creates the work pool
     "retroauth" with its queues "urgent" and "default" and one concurrency limit per payer, deploys
-    daily-run, follow-ups and urgent-case, starts a worker on the pool and prints the UI address.
+    daily-run, follow-ups, urgent-case and work-day (the daily run's helpers), starts a worker on the pool
+    and prints the UI address.
     Everything it creates is created once: running it again changes nothing. Ctrl-C stops it all.
     """
     settings = _settings()
@@ -266,18 +267,28 @@ def worker(
     api: Annotated[str | None, typer.Option("--api-url", help="The Prefect API (default: PREFECT_API_URL, "
                                             "else http://127.0.0.1:4200/api).")] = None,
     poll_seconds: Annotated[float, typer.Option(help="How often to ask for new runs (seconds).")] = 2.0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Flow runs this worker runs at a time (default: "
+                                              "no limit). 1 spreads a day's runs over the workers.")] = None,
+    queue: Annotated[list[str] | None, typer.Option(help="Serve only this queue of the pool (repeatable; "
+                                                    "default: all, urgent first).")] = None,
 ) -> None:
     """Start one more worker on the "retroauth" pool (on this or another machine) until Ctrl-C.
 
     Needs the same checkout at the same path as the machine that deployed, the same RETROAUTH_*
     settings (the same database and storage) and RETROAUTH_RESULTS_DIR on a directory every worker
-    shares. With several workers the Prefect server should run on PostgreSQL."""
+    shares. With several workers the Prefect server should run on PostgreSQL. A worker with --limit 1
+    takes one run of a day (the daily run or one of its helpers) and leaves the others to the other
+    workers; keep one worker with --queue urgent free for urgent cases."""
     settings = _settings()
     api = api or os.environ.get("PREFECT_API_URL") or api_url()
     if not healthy(api):
         raise _fail(f"no Prefect server answers at {api}: start it with `make serve`")
     env = {**os.environ, **prefect_env(settings, api, poll_seconds)}
     cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    for q in queue or []:
+        cmd += ["--work-queue", q]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
         raise typer.Exit(proc.wait())

@@ -195,10 +195,15 @@ def merge_results(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 PACKET_STATES = (CaseStatus.IDENTIFIED, CaseStatus.AWAITING_DOCUMENTATION, CaseStatus.READY)
 
 
+def needs_packet() -> sa.ColumnElement[bool]:
+    """The cases whose packet a batch (re)assembles: identified, awaiting documentation, and ready ones
+    (their inputs may have changed; the input hash makes an unchanged one cost a few reads)."""
+    return RetroCase.status.in_([str(s) for s in PACKET_STATES])
+
+
 def cases_needing_packets(engine: sa.Engine, limit: int | None = None) -> list[int]:
-    """Cases to (re)assemble: identified, awaiting documentation, and ready ones (their inputs may have
-    changed; the input hash makes an unchanged one cost a few reads)."""
-    q = sa.select(RetroCase.id).where(RetroCase.status.in_([str(s) for s in PACKET_STATES])).order_by(RetroCase.id)
+    """Cases to (re)assemble (``needs_packet``), ids only."""
+    q = sa.select(RetroCase.id).where(needs_packet()).order_by(RetroCase.id)
     if limit is not None:
         q = q.limit(limit)
     with engine.connect() as conn:

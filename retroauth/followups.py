@@ -27,19 +27,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from retroauth.cases import Actor, record_event, transition_many
+from retroauth.cases import WAITING, Actor, escalate, record_event, transition_many
 from retroauth.channels import SubmissionChannel
 from retroauth.db import session_scope
 from retroauth.deadlines import due_after
 from retroauth.models import (
-    Appeal, CaseEvent, CaseServiceLine, FollowUp, PayerResponse, RetroCase, ServiceLine, Submission, utcnow,
+    Appeal, CaseServiceLine, FollowUp, PayerResponse, RetroCase, ServiceLine, Submission, utcnow,
 )
 from retroauth.outbox import poll_submissions
 from retroauth.vocab import Anchor
 from retroauth.vocab import CaseStatus as S
 
 INQUIRY, ESCALATION, APPEAL_DEADLINE = "status_inquiry", "sla_escalation", "appeal_deadline"
-WAITING = (S.SUBMITTED, S.IN_REVIEW, S.APPEALED)  # the payer has our request or appeal
 
 
 class FollowUpsIncomplete(Exception):
@@ -56,20 +55,6 @@ def _close(s: Session, ids: Sequence[int], outcome: str, now: datetime) -> None:
         s.execute(sa.update(FollowUp).where(FollowUp.id.in_(list(ids)), FollowUp.done_at.is_(None))
                   .values(done_at=now, outcome=outcome, attempts=FollowUp.attempts + 1)
                   .execution_options(synchronize_session=False))
-
-
-def _escalate(s: Session, case_ids: Sequence[int], why: str, as_of: datetime, actor: Actor) -> list[int]:
-    """Flag the cases still waiting (once each) with an audit event; returns those newly flagged."""
-    ids = list(s.execute(sa.select(RetroCase.id).where(RetroCase.id.in_(list(case_ids)),
-                                                       RetroCase.status.in_(WAITING),
-                                                       RetroCase.escalated_at.is_(None))).scalars())
-    if ids:
-        s.execute(sa.update(RetroCase).where(RetroCase.id.in_(ids)).values(escalated_at=as_of)
-                  .execution_options(synchronize_session=False))
-        s.execute(sa.insert(CaseEvent), [dict(case_id=cid, occurred_at=utcnow(), run_id=actor.run_id,
-                                              actor=actor.name, event="escalated", details={"why": why})
-                                         for cid in ids])
-    return ids
 
 
 # --- 1. status inquiries ---------------------------------------------------------------------------------
@@ -148,7 +133,7 @@ def run_inquiries(engine: sa.Engine, storage: Any, library: Any, settings: Any, 
             cadence = library[r.payer_id].follow_up
             if r.sub in polled.refused or asked_before.get(r.case_id, 0) + 1 >= cadence.max_inquiries:
                 why = "cannot_inquire" if r.sub in polled.refused else "max_inquiries"
-                summary.escalated += _escalate(s, [r.case_id], why, as_of, actor)
+                summary.escalated += escalate(s, [r.case_id], why, as_of, actor)
                 continue
             payer = library[r.payer_id]
             s.add(FollowUp(case_id=r.case_id, kind=INQUIRY, due_at=due_after(
@@ -271,7 +256,7 @@ def escalate_overdue(engine: sa.Engine, as_of: datetime, *, actor: Actor = Actor
                                 FollowUp.due_at <= as_of)).all()
         if not rows:
             return []
-        flagged = _escalate(s, sorted({r.case_id for r in rows}), "review_sla_passed", as_of, actor)
+        flagged = escalate(s, sorted({r.case_id for r in rows}), "review_sla_passed", as_of, actor)
         _close(s, [r.id for r in rows], "escalated", utcnow())
         return flagged
 

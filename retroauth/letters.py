@@ -943,13 +943,18 @@ REQUEST_STATES = (CaseStatus.READY, CaseStatus.LETTER_RENDERED)
 APPEAL_STATES = (CaseStatus.DENIED,)
 
 
-def cases_to_render(engine: sa.Engine, limit: int | None = None) -> list[int]:
-    """Ready cases, and denied cases with an open appeal (ids only)."""
-    q = sa.select(RetroCase.id).where(sa.or_(
+def needs_letter() -> sa.ColumnElement[bool]:
+    """The cases whose letter a batch renders: ready ones, and denied ones with an open appeal."""
+    return sa.or_(
         RetroCase.status == CaseStatus.READY,
         sa.and_(RetroCase.status.in_([str(s) for s in APPEAL_STATES]),
                 sa.exists().where(Appeal.case_id == RetroCase.id, Appeal.status == "open")),
-    )).order_by(RetroCase.id)
+    )
+
+
+def cases_to_render(engine: sa.Engine, limit: int | None = None) -> list[int]:
+    """Ready cases, and denied cases with an open appeal (ids only)."""
+    q = sa.select(RetroCase.id).where(needs_letter()).order_by(RetroCase.id)
     if limit is not None:
         q = q.limit(limit)
     with engine.connect() as conn:

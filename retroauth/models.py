@@ -278,6 +278,12 @@ class RetroCase(SQLModel, table=True):
     updated_at: datetime = _instant(now=True)
     # Bumped on every transition: a compare-and-set guard against two workers moving one case.
     version: int = Field(default=1)
+    # The claim of a run working on the case now (retroauth.claims): the run, until when (the lease; a
+    # crashed run's lease runs out), and the step and round it was taken for, which stays after the lease
+    # is handed back so that the round does not take the case again. Ids and codes only.
+    claimed_by: str | None = Field(default=None, max_length=64)
+    claimed_until: datetime | None = _instant(nullable=True)
+    claim_round: str | None = Field(default=None, max_length=64)
 
 
 class CaseServiceLine(SQLModel, table=True):
@@ -332,6 +338,10 @@ class Submission(SQLModel, table=True):
     tracking_number: str | None = Field(default=None, max_length=64)
     payload_key: str | None = Field(default=None, max_length=512)  # what was sent, in storage
     last_error: str | None = Field(default=None, max_length=256)  # codes only
+    # The claim of the run sending it now (retroauth.claims), as on RetroCase.
+    claimed_by: str | None = Field(default=None, max_length=64)
+    claimed_until: datetime | None = _instant(nullable=True)
+    claim_round: str | None = Field(default=None, max_length=64)
 
 
 class PayerResponse(SQLModel, table=True):

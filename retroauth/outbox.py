@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from retroauth import failpoints
-from retroauth.cases import Actor, record_event, transition_many
+from retroauth.cases import Actor, escalate, record_event, transition_many
 from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult, SubmissionChannel
 from retroauth.db import session_scope
 from retroauth.deadlines import due_after
@@ -36,6 +36,14 @@ APPROVED, DENIED, PENDED = "A1", "A3", "A4"
 
 class OutboxError(Exception):
     """A step of the outbox that cannot go on; the message holds ids and codes only."""
+
+
+class AuthorizationConflict(OutboxError):
+    """An approval that cannot be written back as an authorization (``code`` says why)."""
+
+    def __init__(self, case_id: int, code: str, detail: str):
+        self.code = code
+        super().__init__(f"case {case_id}: {detail} ({code})")
 
 
 class SendsIncomplete(Exception):
@@ -192,10 +200,18 @@ def default_channels() -> dict[str, SubmissionChannel]:
     return {"packet": PacketChannel(), "fhir_pas": PasChannel(), "x12_278": X12Channel()}
 
 
+def is_pending() -> sa.ColumnElement[bool]:
+    """Outbox rows to send: pending ones (a transient failure leaves a row pending)."""
+    return Submission.status == "pending"
+
+
 def pending_submissions(engine: sa.Engine, case_ids: Sequence[int] | None = None, limit: int | None = None) -> list[int]:
-    """Outbox rows not yet sent (of ``case_ids``, or all), oldest first."""
+    """Outbox rows not yet sent (of ``case_ids``, or all), oldest first; not those that a run holds a claim on
+    right now (``retroauth.claims``: it is sending them)."""
     with session_scope(engine) as s:
-        q = sa.select(Submission.id).where(Submission.status == "pending").order_by(Submission.id)
+        q = (sa.select(Submission.id)
+             .where(is_pending(), sa.or_(Submission.claimed_until.is_(None), Submission.claimed_until < utcnow()))
+             .order_by(Submission.id))
         if case_ids is not None:
             q = q.where(Submission.case_id.in_(sorted(set(case_ids))))
         return list(s.execute(q.limit(limit) if limit else q).scalars())
@@ -400,8 +416,17 @@ def _record_decision(s: Session, case_id: int, submission_id: int, kind: str, an
     details: dict[str, Any] = {"submission_id": submission_id, "decision": answer.decision}
     waiting = [S.APPEALED] if kind == "appeal" else [S.SUBMITTED, S.IN_REVIEW]
     if answer.decision == APPROVED:
-        details["authorization_id"] = _write_authorization(s, case_id, answer.certification_number
-                                                           or answer.response_ref, source)
+        try:
+            details["authorization_id"] = _write_authorization(s, case_id, answer.certification_number
+                                                               or answer.response_ref, source)
+        except AuthorizationConflict as exc:
+            if source == "manual":
+                raise  # a person typing the number is told at once
+            # The payer's approval is kept (the response above) but cannot be written back as it came (its
+            # number is another case's, or the case has no coverage or lines): a person checks it. Raising
+            # here would hold back every submission after it in the batch, and every retry the same way.
+            escalate(s, [case_id], exc.code, utcnow(), actor)
+            return
         to = S.APPROVED
     elif answer.decision == DENIED:
         details["reason_codes"] = list(answer.reason_codes)[:20]
@@ -436,12 +461,13 @@ def _write_authorization(s: Session, case_id: int, auth_number: str, source: str
                                                   Coverage.payer_id == case.payer_id)
                         .order_by(Coverage.priority, Coverage.effective_from.desc())).scalars().first()
     if cov is None:
-        raise OutboxError(f"case {case_id}: no coverage to write the authorization against")
+        raise AuthorizationConflict(case_id, "approval_without_coverage",
+                                    "no coverage to write the authorization against")
     lines = s.execute(sa.select(ServiceLine.code_system, ServiceLine.code, ServiceLine.service_date)
                       .join(CaseServiceLine, CaseServiceLine.service_line_id == ServiceLine.id)
                       .where(CaseServiceLine.case_id == case_id)).all()
     if not lines:
-        raise OutboxError(f"case {case_id}: no service lines to authorize")
+        raise AuthorizationConflict(case_id, "approval_without_lines", "no service lines to authorize")
     dates: list[date] = [ln.service_date for ln in lines]
     auth = s.execute(sa.select(Authorization).where(Authorization.payer_id == case.payer_id,
                                                     Authorization.auth_number == auth_number)).scalars().first()
@@ -452,7 +478,8 @@ def _write_authorization(s: Session, case_id: int, auth_number: str, source: str
         s.add(auth)
         s.flush()
     elif auth.case_id not in (None, case_id):
-        raise OutboxError(f"case {case_id}: authorization number already recorded for case {auth.case_id}")
+        raise AuthorizationConflict(case_id, "auth_number_of_another_case",
+                                    f"authorization number already recorded for case {auth.case_id}")
     have = set(s.execute(sa.select(AuthorizationCode.code_system, AuthorizationCode.code)
                          .where(AuthorizationCode.authorization_id == auth.id)).all())
     for cs, code in sorted({(ln.code_system, ln.code) for ln in lines} - have):
@@ -462,7 +489,7 @@ def _write_authorization(s: Session, case_id: int, auth_number: str, source: str
 
 
 __all__ = [
-    "EnqueueResult", "OutboxError", "PollSummary", "SendSummary", "SendsIncomplete", "appeal_channel",
+    "AuthorizationConflict", "EnqueueResult", "OutboxError", "PollSummary", "SendSummary", "SendsIncomplete", "appeal_channel",
     "appeals_to_file", "cases_to_enqueue", "default_channels", "enqueue", "enqueue_appeals", "idempotency_key",
-    "pending_submissions", "poll_submissions", "record_outcome", "send_pending",
+    "is_pending", "pending_submissions", "poll_submissions", "record_outcome", "send_pending",
 ]

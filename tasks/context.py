@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import uuid
 from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
@@ -68,6 +70,27 @@ def actor() -> Actor:
     from prefect.runtime import flow_run
 
     return Actor(run_id=str(flow_run.id) if flow_run.id else None, name=f"flow:{flow_run.flow_name or 'local'}")
+
+
+_PROCESS_OWNER = f"pid-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def claim_owner() -> str:
+    """Who holds a claim (retroauth.claims): the running flow run, else this process."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else _PROCESS_OWNER
+
+
+def claim_round() -> str:
+    """A new round of claims for the running flow run and attempt (``<flow run id>#<run count>``): the runs
+    that share a day get the round of the run that started them; a retry is a new round, which takes again
+    what the failed attempt handed back. Outside a flow run: a round of its own."""
+    from prefect.runtime import flow_run
+
+    if flow_run.id:
+        return f"{flow_run.id}#{flow_run.run_count}"
+    return f"local-{uuid.uuid4().hex}"
 
 
 def run_time() -> datetime:

@@ -13,6 +13,9 @@ from retroauth.worklist import submissions_by_payer
 from tasks import context
 
 
+SLOT_LEASE = 60  # seconds (Prefect's default, 300, holds a crashed worker's slot for five minutes)
+
+
 def payer_api_limit(payer_id: str) -> str:
     """The global concurrency limit that bounds sends to one payer across every worker
     (created for each payer of the rule library by ``deployments/setup.py``)."""
@@ -48,7 +51,8 @@ def send_batch(submission_ids: list[int]) -> dict:
     idempotency keys."""
     summary = SendSummary()
     for payer_id, ids in submissions_by_payer(context.engine(), submission_ids).items():
-        with concurrency(payer_api_limit(payer_id), occupy=1, strict=False):
+        # The lease is renewed while the batch sends; a killed worker's slot comes back after SLOT_LEASE.
+        with concurrency(payer_api_limit(payer_id), occupy=1, strict=False, lease_duration=SLOT_LEASE):
             part = send_pending(context.engine(), context.storage(), context.rule_library(), context.settings(),
                                 actor=context.actor(), submission_ids=ids)
         summary.sent += part.sent

@@ -22,10 +22,10 @@ from tests.conftest import DATA, ROOT, table_counts
 from tests.factories import CHI, add_encounter
 
 SETUP = load_setup_module()
-NAMES = {"daily-run", "follow-ups", "urgent-case"}
+NAMES = {"daily-run", "follow-ups", "urgent-case", "work-day"}
 
 
-def test_prefect_yaml_parses_as_prefect_reads_it_and_names_the_three_deployments():
+def test_prefect_yaml_parses_as_prefect_reads_it_and_names_the_deployments():
     from prefect.cli.deploy._models import PrefectYamlModel
 
     raw = yaml.safe_load(SETUP.PREFECT_YAML.read_text())
@@ -34,12 +34,13 @@ def test_prefect_yaml_parses_as_prefect_reads_it_and_names_the_three_deployments
     assert set(by_name) == NAMES
     assert {n: d.entrypoint for n, d in by_name.items()} == {
         "daily-run": "flows/daily_run.py:daily_run", "follow-ups": "flows/follow_ups.py:follow_ups",
-        "urgent-case": "flows/urgent_case.py:urgent_case"}
+        "urgent-case": "flows/urgent_case.py:urgent_case", "work-day": "flows/work_day.py:work_day"}
     assert {n: (d.work_pool.name, d.work_pool.work_queue_name) for n, d in by_name.items()} == {
         "daily-run": ("retroauth", "default"), "follow-ups": ("retroauth", "default"),
-        "urgent-case": ("retroauth", "urgent")}
+        "urgent-case": ("retroauth", "urgent"), "work-day": ("retroauth", "default")}
     assert all(d.enforce_parameter_schema for d in model.deployments)
-    assert not by_name["urgent-case"].schedules
+    assert not by_name["urgent-case"].schedules and not by_name["work-day"].schedules
+    assert by_name["work-day"].concurrency_limit.limit == 3  # the daily run's helpers
     assert by_name["follow-ups"].schedules[0].interval == timedelta(hours=4)
     daily = by_name["daily-run"].schedules[0]
     assert (daily.cron, daily.timezone) == ("0 6 * * *", "America/Chicago")

@@ -67,6 +67,21 @@ def test_a_wrong_token_is_refused_and_not_echoed(engine, storage, pas_sim, caplo
     assert SECRET not in caplog.text and server.stats()["submissions"] == {}
 
 
+def test_without_a_pas_token_nothing_is_sent_and_the_submission_waits_for_the_setting(engine, storage, pas_sim):
+    from retroauth.channels.fhir_pas import PasChannel
+
+    server = pas_sim({"default": {"action": "approve"}})
+    lib = pas_library(server.url)
+    case_id = rendered_case(engine, storage)
+    outbox.enqueue(engine, [case_id], library=lib, actor=ACTOR)
+    assert SETTINGS.pas_token is None or not SETTINGS.pas_token.get_secret_value()
+    sent = outbox.send_pending(engine, storage, lib, SETTINGS, actor=ACTOR, channels={"fhir_pas": PasChannel()})
+    assert list(sent.failed.values()) == ["ChannelNotConfigured"] and not sent.refused  # pending, not burnt
+    assert server.stats()["submissions"] == {}
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT status FROM submissions").scalars().all() == ["pending"]
+
+
 @pytest.mark.parametrize("bad", ["../x", "a/../../b", "/abs", "x\\y", "a b", ""])
 def test_storage_keys_cannot_be_steered_by_data(bad):
     with pytest.raises(StorageError):

@@ -101,6 +101,11 @@ class ChannelRefused(Exception):
         self.code = code
 
 
+class ChannelNotConfigured(Exception):
+    """The channel cannot send for anyone until an operator sets it up (a setting's name, no secret): the
+    submission stays pending and the run fails, so it shows in the UI and the alert, not in one case."""
+
+
 class SubmissionChannel(Protocol):
     name: str
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult, case_record
+from retroauth.channels import Answer, ChannelNotConfigured, ChannelRefused, Outgoing, SendResult, case_record
 from retroauth.channels.pas import (
     LETTER_LOINC, PasClient, PasCoverage, PasDecision, PasDiagnosis, PasDocument, PasItem, PasOrganization,
     PasPatient, PasPractitioner, PasRejected, PasRequest, PasValidationError, build_pas_bundle,
@@ -123,6 +123,8 @@ class PasChannel:
         if token is None:
             secret = getattr(settings, "pas_token", None)
             token = secret.get_secret_value() if secret is not None else ""
+        if not token:
+            raise ChannelNotConfigured("no PAS token: set RETROAUTH_PAS_TOKEN")
         return self.client_factory(base, token)
 
     def send(self, engine: sa.Engine, storage: Storage, library: Any, settings: Any, out: Outgoing) -> SendResult:

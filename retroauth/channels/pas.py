@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any, Literal
 
 import httpx
@@ -1168,6 +1169,13 @@ def _inquiry_key(bundle: Mapping[str, Any]) -> str | None:
     return values[0] if values else None
 
 
+@lru_cache(maxsize=1)
+def _tls_context() -> Any:
+    """The certificate store httpx builds for every new client (the same CA bundle), built once per process:
+    loading it costs about 0.1 s of CPU, which each send would pay again. An SSLContext may be shared."""
+    return httpx.create_ssl_context()
+
+
 @dataclass
 class PasClient:
     """A PAS endpoint: ``submit`` posts ``[base]/Claim/$submit``, ``inquire`` posts ``[base]/Claim/$inquire``.
@@ -1202,7 +1210,7 @@ class PasClient:
     def client(self) -> httpx.Client:
         if self._client is None:
             self._client = httpx.Client(timeout=httpx.Timeout(self.timeout), transport=self.transport,
-                                        follow_redirects=False)
+                                        follow_redirects=False, verify=_tls_context())
         return self._client
 
     def close(self) -> None:
