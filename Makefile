@@ -28,8 +28,12 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/retroauth serve $(SERVE_ARGS)
 
+# Two test processes (pytest-xdist), each taking whole files: most of the suite waits on servers and
+# subprocesses, so two halve its time on two cores. `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) sysdeps
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 sysdeps:
 	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || [ ! -x /usr/bin/chromium ]; then \

@@ -76,6 +76,8 @@ class LocalStorage:
         return self.root / check_key(k)
 
     def _mkdirs(self, directory: Path) -> None:
+        if os.path.isdir(directory):  # the usual case: one stat, not a mkdir per level on every put
+            return
         # One level at a time: mkdir(parents=True) gives the parents default (umask) modes, not 0700.
         for d in reversed([directory, *directory.parents]):
             if d.is_relative_to(self.root) and d != self.root:
