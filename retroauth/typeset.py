@@ -33,7 +33,7 @@ import hashlib
 import json
 import re
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import date, datetime, timezone
 from html import unescape
 from importlib.metadata import version as _dist_version
@@ -68,13 +68,21 @@ class TypesetError(Exception):
 # --- HTML to a tree -------------------------------------------------------------------------------
 
 
-@dataclass
 class Element:
-    tag: str
-    attrs: dict[str, str]
-    pos: int  # offset of the tag in ``src``: the line is counted only when an error needs it
-    src: str = field(default="", repr=False)
-    children: list[Element | str] = field(default_factory=list)
+    """A tag of the letter HTML; its children are elements and (entity-decoded) strings."""
+
+    __slots__ = ("tag", "attrs", "pos", "src", "children")
+
+    def __init__(self, tag: str, attrs: dict[str, str], pos: int, src: str = "",
+                 children: list[Element | str] | None = None):
+        self.tag = tag
+        self.attrs = attrs
+        self.pos = pos  # offset of the tag in ``src``: the line is counted only when an error needs it
+        self.src = src
+        self.children: list[Element | str] = [] if children is None else children
+
+    def __repr__(self) -> str:
+        return f"Element({self.tag!r}, {self.attrs!r}, children={self.children!r})"
 
     @property
     def line(self) -> int:
@@ -85,14 +93,19 @@ class Element:
         return self.attrs["class"].split() if "class" in self.attrs else []
 
 
-# One token at a time: a comment, a doctype, a start or end tag, or text. Values from the data reach
-# here autoescaped, so a raw "<" or ">" can only come from the template itself.
+# The tokens: text, a comment, a doctype, a leaf (a start tag, plain text, its own end tag: most of a
+# letter, in one step), a start or end tag, or a "<" that starts none of these (an error). Together
+# they match at every position, so ``finditer`` walks the whole HTML without gaps. Values from the
+# data reach here autoescaped: a raw "<" or ">" can only come from the template.
+# Groups: text; leaf tag, attributes, text; end "/", tag, attributes, self-closing "/"; the stray "<".
+_ATTRS = r"""((?:\s+[^\s"'>/=]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'=<>`]+))?)*)"""
 _TOKEN = re.compile(
-    r"""<!--.*?-->
+    r"""([^<]+)
+    | <!--.*?-->
     | <![^>]*>
-    | <(?P<end>/)?(?P<tag>[a-zA-Z][a-zA-Z0-9]*)
-      (?P<attrs>(?:\s+[^\s"'>/=]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'=<>`]+))?)*)\s*(?P<self>/)?>
-    | (?P<text>[^<]+)""",
+    | <(?!(?i:br|hr|meta|link|wbr|style|script)(?![a-zA-Z0-9]))([a-zA-Z][a-zA-Z0-9]*)""" + _ATTRS + r"""\s*>([^<]*)</\2>
+    | <(/?)([a-zA-Z][a-zA-Z0-9]*)""" + _ATTRS + r"""\s*(/?)>
+    | (<)""",
     re.S | re.X,
 )
 _ATTR = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""")
@@ -109,45 +122,55 @@ def parse_html(html: str) -> Element:
     """The document tree; ``TypesetError`` for tags outside the subset, unbalanced tags or a stray "<".
 
     A small tokenizer rather than ``html.parser``: the subset needs no error recovery (malformed
-    markup is an error to report, not to repair), and it is twice as fast.
+    markup is an error to report, not to repair), and one regular expression does the scanning.
     """
     root = Element("#document", {}, 0, html)
     stack = [root]
-    pos, n = 0, len(html)
+    children = root.children  # of the innermost open element
 
     def line_at(at: int) -> int:
         return html.count("\n", 0, at) + 1
 
-    while pos < n:
-        m = _TOKEN.match(html, pos)
-        if m is None:
-            raise TypesetError(f"line {line_at(pos)}: a '<' that starts no tag (text must be escaped)")
-        text = m.group("text")
-        if text is not None:
-            stack[-1].children.append(unescape(text) if "&" in text else text)
-        elif m.group("tag"):
-            tag = m.group("tag").lower()
-            if m.group("end"):
-                if tag not in VOID:
-                    top = stack[-1]
-                    if top.tag != tag:
-                        raise TypesetError(f"line {line_at(pos)}: </{tag}> closes <{top.tag}> "
-                                           f"(opened at line {top.line})")
-                    stack.pop()
-            else:
+    scan: Iterator[re.Match[str]] | None = _TOKEN.finditer(html)
+    while scan is not None:
+        tokens, scan = scan, None
+        for m in tokens:
+            text, leaf, leaf_attrs, leaf_text, end, tag, attrs, self_closing, stray = m.groups()
+            if text is not None:
+                children.append(unescape(text) if "&" in text else text)
+            elif leaf is not None:  # as its start tag, text and end tag would be, one by one
+                tag = leaf.lower()
                 if tag not in ALLOWED:
-                    raise TypesetError(f"line {line_at(pos)}: <{tag}> is not in the letter HTML subset")
-                el = Element(tag, _attrs(m.group("attrs")), pos, html)
-                stack[-1].children.append(el)
-                if tag in _RAW_TEXT:  # style: skip to its end tag
+                    raise TypesetError(f"line {line_at(m.start())}: <{tag}> is not in the letter HTML subset")
+                children.append(Element(tag, _attrs(leaf_attrs) if leaf_attrs else {}, m.start(), html,
+                                        [unescape(leaf_text) if "&" in leaf_text else leaf_text] if leaf_text else []))
+            elif tag is not None:
+                tag = tag.lower()
+                if end:
+                    if tag not in VOID:
+                        top = stack[-1]
+                        if top.tag != tag:
+                            raise TypesetError(f"line {line_at(m.start())}: </{tag}> closes <{top.tag}> "
+                                               f"(opened at line {top.line})")
+                        stack.pop()
+                        children = stack[-1].children
+                    continue
+                if tag not in ALLOWED:
+                    raise TypesetError(f"line {line_at(m.start())}: <{tag}> is not in the letter HTML subset")
+                el = Element(tag, _attrs(attrs) if attrs else {}, m.start(), html)
+                children.append(el)
+                if tag in _RAW_TEXT:  # style: scan on after its end tag
                     close = html.find(f"</{tag}", m.end())
                     if close < 0:
-                        raise TypesetError(f"line {line_at(pos)}: <{tag}> is never closed")
-                    pos = html.index(">", close) + 1
-                    continue
-                if tag not in VOID and not m.group("self"):
+                        raise TypesetError(f"line {line_at(m.start())}: <{tag}> is never closed")
+                    scan = _TOKEN.finditer(html, html.index(">", close) + 1)
+                    break
+                if tag not in VOID and not self_closing:
                     stack.append(el)
-        pos = m.end()
+                    children = el.children
+            elif stray is not None:
+                raise TypesetError(f"line {line_at(m.start())}: a '<' that starts no tag (text must be escaped)")
+            # else a comment or a doctype
     if len(stack) > 1:
         top = stack[-1]
         raise TypesetError(f"<{top.tag}> opened at line {top.line} is never closed")
@@ -158,76 +181,79 @@ def parse_html(html: str) -> Element:
 
 
 Run = dict[str, Any]
+INLINE = frozenset(INLINE_STYLE) | INLINE_PLAIN | frozenset({"br", "wbr"})
+_WHITE = " \t\n\r\f"  # HTML white space, as in ``_SPACE``
 
 
 def _runs(el: Element) -> list[Run]:
     """The text of an element as runs, white space normalized once for the whole block."""
-    out: list[Run] = []
-    _collect(el, (), out)
-    return _normalize(out)
+    children = el.children
+    if len(children) == 1 and type(children[0]) is str:  # the common case: plain text
+        text = _SPACE.sub(" ", children[0]).strip(" ")
+        return [{"s": text}] if text else []
+    if not children:
+        return []
+    pieces: list[tuple[str, tuple[str, ...]] | None] = []
+    _collect(el, (), pieces)
+    return _normalize(pieces)
 
 
-def _collect(el: Element, style: tuple[str, ...], out: list[Run]) -> None:
+def _collect(el: Element, style: tuple[str, ...], out: list[tuple[str, tuple[str, ...]] | None]) -> None:
+    """Text pieces with their style flags in the order they nest; None for a line break."""
     for child in el.children:
         if type(child) is str:
-            out.append({"s": child, **dict.fromkeys(style, True)} if style else {"s": child})
-        elif child.tag == "br":
-            out.append({"br": True})
-        elif child.tag in INLINE_STYLE:
-            flag = INLINE_STYLE[child.tag]
-            _collect(child, style if flag in style else (*style, flag), out)
-        elif child.tag in INLINE_PLAIN:
-            _collect(child, style, out)
-        elif child.tag == "wbr":
+            out.append((child, style))
             continue
-        else:
-            raise TypesetError(f"line {child.line}: <{child.tag}> inside <{el.tag}>, where only text and "
+        tag = child.tag  # type: ignore[union-attr]
+        if tag == "br":
+            out.append(None)
+        elif tag in INLINE_STYLE:
+            flag = INLINE_STYLE[tag]
+            _collect(child, style if flag in style else (*style, flag), out)  # type: ignore[arg-type]
+        elif tag in INLINE_PLAIN:
+            _collect(child, style, out)  # type: ignore[arg-type]
+        elif tag != "wbr":
+            raise TypesetError(f"line {child.line}: <{tag}> inside <{el.tag}>, where only text and "  # type: ignore[union-attr]
                                "inline tags (strong, em, small, span, a, br) may go")
 
 
-def _normalize(runs: list[Run]) -> list[Run]:
+def _normalize(pieces: list[tuple[str, tuple[str, ...]] | None]) -> list[Run]:
     """Collapse white space as a browser does, trim line ends, merge neighbours of the same style."""
-    out: list[Run] = []
+    out: list[list[Any] | None] = []  # [text, style] or None (a line break)
     line_start = True
-    for r in runs:
-        if "br" in r:
+    for piece in pieces:
+        if piece is None:
             _rstrip_last(out)
-            out.append(r)
+            out.append(None)
             line_start = True
             continue
-        text = _SPACE.sub(" ", r["s"])
+        text = _SPACE.sub(" ", piece[0])
         prev = out[-1] if out else None
-        if line_start or (prev is not None and prev.get("s", "").endswith(" ")):
+        if line_start or (prev is not None and prev[0].endswith(" ")):
             text = text.lstrip(" ")
         if not text:
             continue
         line_start = False
-        style = {k for k in r if k != "s"}
-        if prev is not None and "s" in prev and {k for k in prev if k != "s"} == style:
-            prev["s"] += text
+        style = piece[1]
+        if prev is not None and (prev[1] == style or set(prev[1]) == set(style)):
+            prev[0] += text
         else:
-            out.append({**r, "s": text})
+            out.append([text, style])
     _rstrip_last(out)
-    while out and "br" in out[-1]:
+    while out and out[-1] is None:
         out.pop()
         _rstrip_last(out)
-    return out
+    return [{"br": True} if r is None else {"s": r[0], **dict.fromkeys(r[1], True)} if r[1] else {"s": r[0]}
+            for r in out]
 
 
-def _rstrip_last(out: list[Run]) -> None:
-    while out and "s" in out[-1]:
-        out[-1]["s"] = out[-1]["s"].rstrip(" ")
-        if out[-1]["s"]:
+def _rstrip_last(out: list[list[Any] | None]) -> None:
+    while out and out[-1] is not None:
+        last = out[-1]
+        last[0] = last[0].rstrip(" ")
+        if last[0]:
             return
         out.pop()
-
-
-def _is_blank(child: Element | str) -> bool:
-    return isinstance(child, str) and not _SPACE.sub("", child)
-
-
-def _is_inline(child: Element | str) -> bool:
-    return isinstance(child, str) or child.tag in INLINE_STYLE or child.tag in INLINE_PLAIN or child.tag in ("br", "wbr")
 
 
 def _tracks(spec: str, line: int) -> list[dict[str, Any]]:
@@ -240,39 +266,50 @@ def _tracks(spec: str, line: int) -> list[dict[str, Any]]:
     return tracks
 
 
+def _row(tr: Element) -> dict[str, Any]:
+    cells = []
+    for c in tr.children:
+        if type(c) is str:
+            if not c.strip(_WHITE):
+                continue
+            raise TypesetError(f"line {tr.line}: a <tr> holds <td> and <th> cells only")
+        tag = c.tag
+        if tag != "td" and tag != "th":
+            raise TypesetError(f"line {tr.line}: a <tr> holds <td> and <th> cells only")
+        attrs = c.attrs
+        if attrs:
+            span = attrs.get("colspan", "1")
+            if not span.isdigit() or int(span) < 1:
+                raise TypesetError(f"line {c.line}: colspan must be a positive whole number")
+            cells.append({"r": _runs(c), "span": int(span), "num": "num" in c.classes, "th": tag == "th"})
+        else:
+            cells.append({"r": _runs(c), "span": 1, "num": False, "th": tag == "th"})
+    return {"cls": tr.classes, "cells": cells}
+
+
 def _table(el: Element) -> dict[str, Any]:
     head: list[dict[str, Any]] = []
     body: list[dict[str, Any]] = []
-
-    def row(tr: Element, into: list[dict[str, Any]]) -> None:
-        cells = []
-        for c in tr.children:
-            if _is_blank(c):
-                continue
-            if isinstance(c, str) or c.tag not in ("td", "th"):
-                raise TypesetError(f"line {tr.line}: a <tr> holds <td> and <th> cells only")
-            span = c.attrs.get("colspan", "1")
-            if not span.isdigit() or int(span) < 1:
-                raise TypesetError(f"line {c.line}: colspan must be a positive whole number")
-            cells.append({"r": _runs(c), "span": int(span), "num": "num" in c.classes, "th": c.tag == "th"})
-        into.append({"cls": tr.classes, "cells": cells})
-
     for child in el.children:
-        if _is_blank(child):
-            continue
-        if isinstance(child, str):
+        if type(child) is str:
+            if not child.strip(_WHITE):
+                continue
             raise TypesetError(f"line {el.line}: text directly inside <table>")
-        if child.tag == "tr":
-            row(child, body)
-        elif child.tag in TABLE_PARTS:
+        tag = child.tag
+        if tag == "tr":
+            body.append(_row(child))
+        elif tag in TABLE_PARTS:
+            into = head if tag == "thead" else body
             for tr in child.children:
-                if _is_blank(tr):
+                if type(tr) is str:
+                    if not tr.strip(_WHITE):
+                        continue
+                elif tr.tag == "tr":
+                    into.append(_row(tr))
                     continue
-                if isinstance(tr, str) or tr.tag != "tr":
-                    raise TypesetError(f"line {child.line}: <{child.tag}> holds <tr> rows only")
-                row(tr, head if child.tag == "thead" else body)
+                raise TypesetError(f"line {child.line}: <{tag}> holds <tr> rows only")
         else:
-            raise TypesetError(f"line {child.line}: <{child.tag}> inside <table>")
+            raise TypesetError(f"line {child.line}: <{tag}> inside <table>")
     cols = max((sum(c["span"] for c in r["cells"]) for r in head + body), default=0)
     if cols == 0:
         raise TypesetError(f"line {el.line}: a table without cells")
@@ -289,20 +326,47 @@ def _blocks(el: Element, doc: dict[str, Any]) -> list[dict[str, Any]]:
     pending: list[Element | str] = []
 
     def flush() -> None:
-        if pending:
-            runs = _runs(Element("#inline", {}, el.line, list(pending)))
-            if runs:
-                out.append({"t": "p", "cls": [], "r": runs})
-            pending.clear()
+        runs = _runs(Element("#inline", {}, el.pos, el.src, pending[:]))
+        if runs:
+            out.append({"t": "p", "cls": [], "r": runs})
+        pending.clear()
 
     for child in el.children:
-        if _is_inline(child):
+        if type(child) is str:
+            if pending or child.strip(_WHITE):  # white space before a paragraph's first word is dropped anyway
+                pending.append(child)
+            continue
+        tag = child.tag
+        if tag in INLINE:
             pending.append(child)
             continue
-        flush()
-        assert isinstance(child, Element)
-        tag = child.tag
-        if tag in HEAD_ONLY:
+        if pending:
+            flush()
+        if tag in TEXT_BLOCKS:
+            runs = _runs(child)
+            if runs or child.classes:
+                out.append({"t": tag, "cls": child.classes, "r": runs})
+        elif tag in CONTAINERS:
+            inner = _blocks(child, doc)
+            classes = child.classes
+            if classes:
+                out.append({"t": "box", "cls": classes, "body": inner})
+            else:
+                out += inner
+        elif tag == "table":
+            out.append(_table(child))
+        elif tag in LISTS:
+            items = []
+            for li in child.children:
+                if type(li) is str:
+                    if not li.strip(_WHITE):
+                        continue
+                elif li.tag == "li":
+                    items.append(_runs(li))
+                    continue
+                raise TypesetError(f"line {child.line}: <{tag}> holds <li> items only")
+            out.append({"t": tag, "cls": child.classes, "items": items})
+        elif tag in HEAD_ONLY:
             _head(child, doc)
         elif tag == "meta":
             _meta(child, doc)
@@ -312,32 +376,12 @@ def _blocks(el: Element, doc: dict[str, Any]) -> list[dict[str, Any]]:
             if "page-footer" not in child.classes:
                 raise TypesetError(f"line {child.line}: <footer> is only for class=\"page-footer\" (the page footer)")
             doc["footer"] = _runs(child)
-        elif tag in CONTAINERS:
-            inner = _blocks(child, doc)
-            if child.classes:
-                out.append({"t": "box", "cls": child.classes, "body": inner})
-            else:
-                out += inner
-        elif tag in TEXT_BLOCKS:
-            runs = _runs(child)
-            if runs or child.classes:
-                out.append({"t": tag if tag != "p" else "p", "cls": child.classes, "r": runs})
-        elif tag in LISTS:
-            items = []
-            for li in child.children:
-                if _is_blank(li):
-                    continue
-                if isinstance(li, str) or li.tag != "li":
-                    raise TypesetError(f"line {child.line}: <{tag}> holds <li> items only")
-                items.append(_runs(li))
-            out.append({"t": tag, "cls": child.classes, "items": items})
-        elif tag == "table":
-            out.append(_table(child))
         elif tag == "hr":
             out.append({"t": "hr", "cls": child.classes})
         else:
             raise TypesetError(f"line {child.line}: <{tag}> cannot stand inside <{el.tag}>")
-    flush()
+    if pending:
+        flush()
     return out
 
 

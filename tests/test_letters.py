@@ -258,6 +258,35 @@ def test_the_converter_keeps_text_as_text_and_refuses_tags_outside_the_subset():
             to_document(f'<html><head><meta name="date" content="2026-11-20"></head><body>{bad}</body></html>')
 
 
+CONVERTER_HEAD = ('<!DOCTYPE html>\n<html><head><meta name="date" content="2026-11-20"><title>T</title>\n'
+                  '<style>p > b { color: red }</style></head>\n<body>\n')
+
+
+def test_the_converter_reads_the_whole_subset_and_keeps_loose_text():
+    doc = to_document(CONVERTER_HEAD + '<main class="letter">Dear <b>Reviewer</b>,<BR>thanks\n'
+                      '<P CLASS="Up">a &amp; b</P>\n<p>x<br>y</br></p><!-- <p>not shown</p> -->\n<hr/>'
+                      '<table data-cols="auto,1fr"><tr><th>K</th><td class="num" colspan="1">1 &lt; 2</td></tr></table>'
+                      '</main>\n</body></html>')
+    assert doc["title"] == "T" and doc["date"] == [2026, 11, 20]
+    assert doc["blocks"] == [{"t": "box", "cls": ["letter"], "body": [
+        # text straight inside a container is a paragraph of its own, as in the HTML letter
+        {"t": "p", "cls": [], "r": [{"s": "Dear "}, {"s": "Reviewer", "b": True}, {"s": ","}, {"br": True},
+                                    {"s": "thanks"}]},
+        {"t": "p", "cls": ["Up"], "r": [{"s": "a & b"}]},
+        {"t": "p", "cls": [], "r": [{"s": "x"}, {"br": True}, {"s": "y"}]},
+        {"t": "hr", "cls": []},
+        {"t": "table", "cls": [], "cols": [{"auto": True}, {"fr": 1.0}], "head": [], "rows": [{"cls": [], "cells": [
+            {"r": [{"s": "K"}], "span": 1, "num": False, "th": True},
+            {"r": [{"s": "1 < 2"}], "span": 1, "num": True, "th": False}]}]},
+    ]}]
+    for bad, words in [("<p>a</p>\n<p>b <div>c</div></p>", "line 6: <div> inside <p>"),
+                       ("<p>a</p>\n\n<p>1 < 2</p>", "line 7: a '<' that starts no tag"),
+                       ("<div>\n<span><p>x</p></span></div>", "line 6: <p> inside <span>"),
+                       ("<div>\n<p>x</div>", "line 6: </div> closes <p> (opened at line 6)")]:
+        with pytest.raises(TypesetError, match=re.escape(words)):
+            to_document(CONVERTER_HEAD + bad + "</body></html>")
+
+
 # --- templates: strict, checked, overridable -----------------------------------------------------------------
 
 
