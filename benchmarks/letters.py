@@ -1,6 +1,7 @@
 """Letters per second through the product's batch path, against the bare engines on the same documents.
 
     .venv/bin/python benchmarks/letters.py [--cases 200] [--workers 2] [--database-url URL] [--alternatives]
+                                           [--json var/bench/letters.json]
 
 What it does, in one run on a fresh database (SQLite in a temp dir unless --database-url is given):
 
@@ -40,6 +41,7 @@ from zoneinfo import ZoneInfo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import Recorder  # noqa: E402
 from config import PAYERS_DIR  # noqa: E402
 from config.settings import load_settings  # noqa: E402
 from retroauth.db import make_engine, migrate, session_scope  # noqa: E402
@@ -172,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
     ap.add_argument("--rounds", type=int, default=4, help="alternate bare and product runs this many times")
     ap.add_argument("--alternatives", action="store_true", help="also WeasyPrint and fpdf2 on the same HTML")
+    ap.add_argument("--json", type=Path, help="write the results here (for benchmarks/report.py)")
     args = ap.parse_args(argv)
+    rec = Recorder("letters")
 
     tmp = Path(tempfile.mkdtemp(prefix="letters-bench-"))
     url = args.database_url or f"sqlite:///{tmp / 'bench.db'}"
@@ -317,6 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"identical inputs give identical PDF bytes: {same}")
     pages = json.dumps([len(d['blocks']) for d in docs[:1]])
     print(f"(first letter: {pages} top-level blocks; HTML {len(next(iter(htmls.values())))} bytes)")
+    rec.write(args.json, {
+        "cases": n, "workers": w, "database": url.split(":")[0], "rounds": rounds,
+        "rows": [{"what": what, "letters": count, "wall_seconds": round(secs, 3), "cpu_seconds": round(cpu, 3),
+                  "per_second": round(count / secs, 2) if secs else None, "notes": note}
+                 for what, count, secs, cpu, note in rows],
+        "pdf_overhead_vs_bare_typst": {"wall": round(t_product / t_bare, 3), "cpu": round(cpu_product / cpu_bare, 3)},
+        "pdf_overhead_vs_html_to_pdf_engine": {"wall": round(t_product / t_engine, 3),
+                                               "cpu": round(cpu_product / cpu_engine, 3)},
+        "html_overhead_vs_bare_jinja2": {"wall": round(t_html / t_jinja, 3), "cpu": round(cpu_html / cpu_jinja, 3)},
+        "letters_per_second": round(rate_product, 2), "letters_per_cpu_second": round(n / cpu_product, 2),
+        "identical_bytes": same == "yes",
+    })
     engine.dispose()
     return 0
 

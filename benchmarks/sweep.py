@@ -8,7 +8,7 @@ synthetic clones; extra authorizations on file up to ~30% of the lines), then
      audit events written) on a copy of the same database;
 and both must find the same service lines. Reported: seconds, ratio, lines per second, peak memory.
 
-    .venv/bin/python benchmarks/sweep.py --lines 250000 1000000 4000000
+    .venv/bin/python benchmarks/sweep.py --lines 250000 1000000 4000000 [--json var/bench/sweep.json]
 
 The machine is shared and noisy: read the ratio, not the seconds.
 """
@@ -16,6 +16,7 @@ The machine is shared and noisy: read the ratio, not the seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import resource
 import shutil
@@ -31,6 +32,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import Recorder  # noqa: E402
 from config import PAYERS_DIR  # noqa: E402
 from retroauth.db import make_engine, migrate  # noqa: E402
 from retroauth.generate import generate  # noqa: E402
@@ -161,21 +163,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, nargs="+", default=[250_000, 1_000_000])
     ap.add_argument("--data", type=Path, default=ROOT / "benchmarks" / ".data")
+    ap.add_argument("--json", type=Path, help="write the results here (for benchmarks/report.py)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]), int(args.child[2]))
         return
+    rec = Recorder("sweep")
     args.data.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, loads = [], []
     for lines in args.lines:
         db = args.data / f"sweep-{lines}.db"
         if not db.exists():
             t0 = time.perf_counter()
             build(db, lines)
             print(f"built {db.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        loads.append([round(x, 2) for x in os.getloadavg()])
         work = Path(tempfile.mkdtemp()) / "work.db"
         shutil.copy(db, work)
+        migrate(f"sqlite:///{work}")  # a database cached before a newer migration: bring the copy up to date
         bare_s, bare_n, bare_mb = measure_in_child("bare", work, lines)
         sweep_s, sweep_n, sweep_mb = measure_in_child("sweep", work, lines)
         same = Path(f"{work}.bare.ids").read_text() == Path(f"{work}.sweep.ids").read_text()
@@ -189,6 +195,11 @@ def main() -> None:
     for total, b, s, ratio, lps, bn, sn, same, bmb, smb in rows:
         print(f"{total:>10} {b:>8.2f} {s:>8.2f} {ratio:>6.2f} {lps:>9.0f} {sn:>7} {str(same and bn == sn):>5} "
               f"{bmb:>8} {smb:>9}")
+    rec.write(args.json, {"sizes": [
+        {"lines_requested": req, "service_lines": total, "bare_seconds": round(b, 3), "sweep_seconds": round(s, 3),
+         "ratio": round(ratio, 3), "lines_per_second": round(lps), "found": sn, "same_lines": bool(same and bn == sn),
+         "bare_peak_mb": bmb, "sweep_peak_mb": smb, "load_at_start": ld}
+        for req, ld, (total, b, s, ratio, lps, bn, sn, same, bmb, smb) in zip(args.lines, loads, rows)]})
 
 
 if __name__ == "__main__":

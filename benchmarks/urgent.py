@@ -1,6 +1,7 @@
 """Trigger-to-submitted latency of an urgent case, through a real Prefect server and a warm worker.
 
     .venv/bin/python benchmarks/urgent.py [--runs 5] [--background 20000] [--poll 1] [--api-url URL] [--keep]
+                                          [--json var/bench/urgent.json]
 
 What it does, in one run in a temp directory (SQLite database, local storage and results):
 
@@ -53,7 +54,11 @@ def main() -> None:
     ap.add_argument("--poll", type=float, default=1.0, help="worker poll interval, seconds")
     ap.add_argument("--api-url", help="use this Prefect server instead of starting one")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
+    ap.add_argument("--json", type=Path, help="write the results here (for benchmarks/report.py)")
     args = ap.parse_args()
+    from benchmarks.machine import Recorder
+
+    rec = Recorder("urgent")
 
     tmp = Path(tempfile.mkdtemp(prefix="retroauth-urgent-"))
     port = free_port()
@@ -86,7 +91,7 @@ def main() -> None:
                     sys.exit(f"the Prefect server did not start; see {tmp / 'server.log'}")
                 time.sleep(0.3)
             print(f"Prefect server up in {time.perf_counter() - t0:.1f} s")
-        run(args, tmp, procs)
+        rec.write(args.json, run(args, tmp, procs))
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -98,7 +103,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> None:
+def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
@@ -138,7 +143,7 @@ def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> N
             time.sleep(0.2)
     print(f"worker polling (warm) after {time.perf_counter() - t0:.1f} s, every {args.poll:g} s")
 
-    results = []
+    results, runs = [], []
     for i in range(args.runs + 1):
         encounter = add_encounter(engine, cls="emergency", pos="23")
         started = time.perf_counter()
@@ -167,11 +172,16 @@ def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> N
               f"flow-run process and flow {running:4.1f} s; state {fr.state.name})")
         if i:
             results.append(latency)
+        runs.append({"run": label, "latency_seconds": round(latency, 2), "waiting_for_worker_seconds": round(queued, 2),
+                     "flow_run_seconds": round(running, 2), "state": fr.state.name})
 
     med = statistics.median(results)
     print(f"\nurgent trigger -> submitted, warm worker polling every {args.poll:g} s: median {med:.1f} s, "
           f"max {max(results):.1f} s over {len(results)} runs (target <= {TARGET_SECONDS:g} s: "
           f"{'met' if med <= TARGET_SECONDS else 'NOT met'}); load average {os.getloadavg()[0]:.2f}")
+    return {"background_encounters": args.background, "poll_seconds": args.poll, "runs": runs,
+            "median_seconds": round(med, 2), "max_seconds": round(max(results), 2),
+            "target_seconds": TARGET_SECONDS, "met": med <= TARGET_SECONDS}
 
 
 if __name__ == "__main__":
