@@ -101,6 +101,11 @@ def round_key(step_name: str, round_id: str) -> str:
     return key
 
 
+def unheld(t: Any, now: datetime | None = None) -> sa.ColumnElement[bool]:
+    """Rows no run holds right now: never leased, handed back, or their lease ran out."""
+    return sa.or_(t.claimed_until.is_(None), t.claimed_until < (now or utcnow()))
+
+
 def _free(t: Any, key: str, owner: str, now: datetime) -> sa.ColumnElement[bool]:
     """Nobody holds it and this round has not taken it, or its lease ran out, or it is held by an earlier
     attempt of this same run for this step (a crashed attempt never handed it back; its retry is a new round
@@ -149,4 +154,4 @@ def release(engine: sa.Engine, step_name: str, ids: Iterable[int], *, owner: str
     return released
 
 
-__all__ = ["LEASE", "STEPS", "ClaimError", "Step", "claim", "release", "round_key", "step"]
+__all__ = ["LEASE", "STEPS", "ClaimError", "Step", "claim", "release", "round_key", "step", "unheld"]

@@ -35,16 +35,14 @@ import json
 import threading
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
@@ -469,6 +467,7 @@ class LetterTemplates:
         self._envs: dict[str | None, jinja2.Environment] = {}
         self._resolved: dict[tuple[str | None, str], ResolvedTemplate] = {}
         self._typesetters: dict[Path, Typesetter] = {}
+        self._scopes: dict[str, str | None] = {}  # payer id -> its folder's name, or None
         self._lock = threading.RLock()  # the caches fill from the render threads
 
     # environments
@@ -479,12 +478,17 @@ class LetterTemplates:
         return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
     def _scope(self, payer_id: str | None) -> str | None:
-        return payer_id if payer_id and (self.root / PAYERS_SUBDIR / payer_id).is_dir() else None
+        """The payer's own folder of templates if it has one; looked up once per payer (a folder added later
+        is seen by the next process, as the caches below are)."""
+        if not payer_id:
+            return None
+        with self._lock:
+            if payer_id not in self._scopes:
+                self._scopes[payer_id] = payer_id if (self.root / PAYERS_SUBDIR / payer_id).is_dir() else None
+            return self._scopes[payer_id]
 
     def environment(self, payer_id: str | None = None) -> jinja2.Environment:
-        return self._environment(self._scope(payer_id))
-
-    def _environment(self, scope: str | None) -> jinja2.Environment:
+        scope = self._scope(payer_id)
         with self._lock:
             if scope not in self._envs:
                 self._envs[scope] = self._new_environment(scope)
@@ -550,19 +554,14 @@ class LetterTemplates:
             self._sources(env, ref, out, (*stack, name), (rel, lines.get(ref)))
 
     def program_path(self, payer_id: str | None) -> Path:
-        return self._program_path(self._scope(payer_id))
-
-    def _program_path(self, scope: str | None) -> Path:
+        scope = self._scope(payer_id)
         if scope and (self.root / PAYERS_SUBDIR / scope / TYPST_PROGRAM).is_file():
             return self.root / PAYERS_SUBDIR / scope / TYPST_PROGRAM
         return self.root / TYPST_PROGRAM
 
     def resolve(self, payer_id: str | None, kind: Kind, reason: str | None = None,
                 appeal_level: int = 0) -> ResolvedTemplate:
-        return self._resolve_in(self._scope(payer_id), kind, reason, appeal_level)
-
-    def _resolve_in(self, scope: str | None, kind: Kind, reason: str | None = None,
-                    appeal_level: int = 0) -> ResolvedTemplate:
+        scope = self._scope(payer_id)
         name = self.template_name(kind, reason, appeal_level)
         cache_key = (scope, name)
         with self._lock:
@@ -571,10 +570,10 @@ class LetterTemplates:
             return self._resolved[cache_key]
 
     def _resolve(self, scope: str | None, name: str) -> ResolvedTemplate:
-        env = self._environment(scope)
+        env = self.environment(scope)
         sources: dict[str, str] = {}
         self._sources(env, name, sources, ())
-        program = self._program_path(scope)
+        program = self.program_path(scope)
         leaf = next(iter(sources))
         payer_prefix = f"{PAYERS_SUBDIR}/{scope}/" if scope else None
         program_rel = _rel(program, self.root) or TYPST_PROGRAM
@@ -608,11 +607,8 @@ class LetterTemplates:
 
     def render_html(self, data: LetterData, letter_date: date) -> str:
         """The letter as HTML; ``LetterTemplateError`` names the template and line of any failure."""
-        scope = self._scope(data.payer.id)
-        return self._html(scope, self._resolve_in(scope, data.kind, data.reason, data.appeal_level), data, letter_date)
-
-    def _html(self, scope: str | None, resolved: ResolvedTemplate, data: LetterData, letter_date: date) -> str:
-        env = self._environment(scope)
+        resolved = self.resolve_for(data)
+        env = self.environment(data.payer.id)
         name = self.template_name(data.kind, data.reason, data.appeal_level)
         try:
             return env.get_template(name).render(data.context(letter_date))
@@ -627,10 +623,8 @@ class LetterTemplates:
             raise LetterTemplateError(template or resolved.file, line,
                                       f"{type(exc).__name__} while rendering") from None
 
-    def typesetter(self, payer_id: str | None) -> Typesetter:
-        return self._typesetter(self.program_path(payer_id))
-
-    def _typesetter(self, program: Path) -> Typesetter:
+    def typesetter(self, payer_id: str | None = None, program: Path | None = None) -> Typesetter:
+        program = program or self.program_path(payer_id)
         with self._lock:
             if program not in self._typesetters:
                 self._typesetters[program] = Typesetter(program)
@@ -639,19 +633,16 @@ class LetterTemplates:
     def render_pdf(self, data: LetterData, letter_date: date, html: str | None = None) -> bytes:
         """The PDF, typeset from the letter's HTML (rendered here unless given)."""
         html = self.render_html(data, letter_date) if html is None else html
-        return self._pdf(self.resolve_for(data), html)
-
-    def _pdf(self, resolved: ResolvedTemplate, html: str) -> bytes:
+        resolved = self.resolve_for(data)
         try:  # the program the template hash covers
-            return self._typesetter(resolved.program).pdf(html)
+            return self.typesetter(program=resolved.program).pdf(html)
         except TypesetError as exc:
             raise LetterTemplateError(resolved.file, None, f"rendered HTML: {exc}") from None
 
     def render(self, data: LetterData, letter_date: date) -> RenderedLetter:
-        scope = self._scope(data.payer.id)  # once: each look is a file system call
-        resolved = self._resolve_in(scope, data.kind, data.reason, data.appeal_level)
-        html = self._html(scope, resolved, data, letter_date)
-        pdf = self._pdf(resolved, html)
+        resolved = self.resolve_for(data)
+        html = self.render_html(data, letter_date)
+        pdf = self.render_pdf(data, letter_date, html)
         return RenderedLetter(html.encode(), pdf, resolved.name, resolved.template_hash, data.data_hash())
 
 
@@ -1094,26 +1085,17 @@ def _existing(session: Session, case_ids: Sequence[int]) -> tuple[dict[tuple, Le
     return found, last
 
 
-@contextmanager
-def _storing(storage: Storage, objects: Sequence[tuple[str, bytes, str]], threads: int = 8) -> Iterator[None]:
-    """Store the objects while the block runs (the block's own work overlaps their writes); on a clean
-    exit every object is stored, or the first failure is raised. A failing block stops the rest."""
+def _put_all(storage: Storage, objects: Sequence[tuple[str, bytes, str]], threads: int = 8) -> None:
     if len(objects) <= 2:
         for k, body, media in objects:
             storage.put(k, body, content_type=media)
-        yield
         return
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="letters-put")
-    try:
-        futures = [pool.submit(storage.put, k, body, content_type=media) for k, body, media in objects]
-        yield
-        for f in futures:
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="letters-put") as pool:
+        for f in [pool.submit(storage.put, k, body, content_type=media) for k, body, media in objects]:
             f.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _details(letter: Letter | SimpleNamespace) -> dict[str, Any]:
+def _details(letter: Letter) -> dict[str, Any]:
     return {"letter_id": letter.id, "kind": letter.kind, "appeal_level": letter.appeal_level,
             "version": letter.version, "template": letter.template_name, "template_hash": letter.template_hash,
             "data_hash": letter.data_hash, "pdf_sha256": letter.pdf_sha256}
@@ -1188,15 +1170,12 @@ def render_letters(
                 sa.select(RetroCase.id, RetroCase.status).where(RetroCase.id.in_(chunk)).with_for_update()
             ).tuples().all())
         existing, last = _existing(s, ids)  # again, under the lock: a concurrent run may have stored some
-        letters: dict[LetterRequest, bool] = {}  # the letter of each request, and whether it is new
-        details: dict[int, dict[str, Any]] = {}  # case id -> the letter, as events record it
-        rows: list[dict[str, Any]] = []  # the new letters' rows, inserted in one statement
+        letters: dict[LetterRequest, tuple[Letter, bool]] = {}
         objects: list[tuple[str, bytes, str]] = []
         for req, th, dh in keep:
             ident = (req.case_id, req.kind, req.appeal_level, dh, th)
             if ident in existing:
-                letters[req] = False
-                details[req.case_id] = _details(existing[ident])
+                letters[req] = (existing[ident], False)
                 continue
             out = rendered.get(req)
             if out is None:  # listed as stored when we read, gone now: letters are never deleted
@@ -1205,34 +1184,28 @@ def render_letters(
             version = last.get((req.case_id, req.kind, req.appeal_level), 0) + 1
             html_key, pdf_key = letter_keys(req.case_id, version, req.kind, req.appeal_level)
             objects += [(html_key, out.html, "text/html; charset=utf-8"), (pdf_key, out.pdf, "application/pdf")]
-            letters[req] = True
-            rows.append(dict(case_id=req.case_id, kind=req.kind, appeal_level=req.appeal_level, version=version,
-                             template_name=out.template_name, template_hash=th, data_hash=dh, html_key=html_key,
-                             pdf_key=pdf_key, pdf_sha256=sha256_hex(out.pdf), created_at=utcnow()))
-        # Objects before the commit (a row never points at nothing), in parallel: local writes wait on
-        # fsync, S3 on the network; the rows, moves and events are written meanwhile, and committed
-        # only once every object is stored. A failure rolls the rows back; the orphaned objects are
-        # rewritten by the retry.
-        with _storing(storage, objects):
-            if rows:  # rows, not ORM objects: a SQLModel instance per letter costs more than its insert
-                table = Letter.__table__  # type: ignore[attr-defined]
-                new_ids = s.execute(sa.insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars()
-                for row, letter_id in zip(rows, new_ids, strict=True):
-                    details[row["case_id"]] = _details(SimpleNamespace(id=letter_id, **row))
-            ready = [req.case_id for req in letters
-                     if req.kind == "request" and statuses.get(req.case_id) == CaseStatus.READY]
-            moved = set(transition_many(s, ready, CaseStatus.LETTER_RENDERED, from_statuses=[CaseStatus.READY],
-                                        actor=actor, details={cid: details[cid] for cid in ready}))
-            for req, new in letters.items():
-                result.letters[req.case_id] = details[req.case_id]["letter_id"]
-                if new:
-                    result.rendered += 1
-                    if req.case_id not in moved:
-                        record_event(s, req.case_id, "letter_rendered", actor=actor, details=details[req.case_id])
-                else:
-                    result.unchanged += 1
-            result.moved = len(moved)
-            s.flush()  # the events too, while the last objects are written
+            letters[req] = (Letter(case_id=req.case_id, kind=req.kind, appeal_level=req.appeal_level, version=version,
+                                   template_name=out.template_name, template_hash=th, data_hash=dh, html_key=html_key,
+                                   pdf_key=pdf_key, pdf_sha256=sha256_hex(out.pdf), created_at=utcnow()), True)
+        # Objects first (a row never points at nothing), in parallel: local writes wait on fsync, S3 on
+        # the network. A failure rolls the rows back; the orphaned objects are rewritten by the retry.
+        _put_all(storage, objects)
+        s.add_all([letter for letter, new in letters.values() if new])
+        s.flush()
+        ready = [req.case_id for req, _ in letters.items()
+                 if req.kind == "request" and statuses.get(req.case_id) == CaseStatus.READY]
+        details = {req.case_id: _details(letter) for req, (letter, _) in letters.items()}  # before rows expire
+        moved = set(transition_many(s, ready, CaseStatus.LETTER_RENDERED, from_statuses=[CaseStatus.READY],
+                                    actor=actor, details={cid: details[cid] for cid in ready}))
+        for req, (_, new) in letters.items():
+            result.letters[req.case_id] = details[req.case_id]["letter_id"]
+            if new:
+                result.rendered += 1
+                if req.case_id not in moved:
+                    record_event(s, req.case_id, "letter_rendered", actor=actor, details=details[req.case_id])
+            else:
+                result.unchanged += 1
+        result.moved = len(moved)
     failpoints.hit("render.after_batch")
     return result
 

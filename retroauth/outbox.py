@@ -21,6 +21,7 @@ from sqlmodel import Session
 from retroauth import failpoints
 from retroauth.cases import Actor, escalate, record_event, transition_many
 from retroauth.channels import Answer, ChannelRefused, Outgoing, SendResult, SubmissionChannel
+from retroauth.claims import unheld
 from retroauth.db import session_scope
 from retroauth.deadlines import due_after
 from retroauth.models import (
@@ -210,7 +211,7 @@ def pending_submissions(engine: sa.Engine, case_ids: Sequence[int] | None = None
     right now (``retroauth.claims``: it is sending them)."""
     with session_scope(engine) as s:
         q = (sa.select(Submission.id)
-             .where(is_pending(), sa.or_(Submission.claimed_until.is_(None), Submission.claimed_until < utcnow()))
+             .where(is_pending(), unheld(Submission))
              .order_by(Submission.id))
         if case_ids is not None:
             q = q.where(Submission.case_id.in_(sorted(set(case_ids))))
@@ -489,7 +490,7 @@ def _write_authorization(s: Session, case_id: int, auth_number: str, source: str
 
 
 __all__ = [
-    "AuthorizationConflict", "EnqueueResult", "OutboxError", "PollSummary", "SendSummary", "SendsIncomplete", "appeal_channel",
-    "appeals_to_file", "cases_to_enqueue", "default_channels", "enqueue", "enqueue_appeals", "idempotency_key",
+    "AuthorizationConflict", "EnqueueResult", "OutboxError", "PollSummary", "SendSummary", "SendsIncomplete",
+    "appeal_channel", "appeals_to_file", "cases_to_enqueue", "default_channels", "enqueue", "enqueue_appeals", "idempotency_key",
     "is_pending", "pending_submissions", "poll_submissions", "record_outcome", "send_pending",
 ]
