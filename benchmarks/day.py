@@ -293,19 +293,20 @@ def child_direct(work: Path, sequential: bool) -> dict:
         from retroauth import claims
 
         owner = "bench-direct"
-        out, running = [], {}
+        out, running, done_ids = [], {}, []
         width = 1 if sequential else in_flight
         with ThreadPoolExecutor(max_workers=width) as pool:
             while True:
                 while len(running) < width:
-                    ids = claims.claim(engine, step, owner=owner, round_id=claim_round, limit=size)
+                    ids, done_ids = claims.claim(engine, step, owner=owner, round_id=claim_round, limit=size,
+                                                 handing_back=done_ids), []
                     if not ids:
                         break
                     running[pool.submit(fn, ids)] = ids
                 if not running:
                     return out
                 done = next(iter(wait(list(running), return_when=FIRST_COMPLETED).done))
-                claims.release(engine, step, running.pop(done), owner=owner)
+                done_ids = running.pop(done)
                 out.append(done.result())
 
     def send_batch(ids: list[int]) -> dict:

@@ -34,10 +34,11 @@ def claimed_batches(step: str, claim_round: str, size: int, work: Any, *, in_fli
     running: dict[PrefectFuture, list[int]] = {}
     finished: list[PrefectFuture] = []
     seen: set[int] = set()
+    done_ids: list[int] = []  # the batch just finished: handed back by the next claim, in its transaction
     try:
         while True:
             while len(running) < in_flight:
-                ids = claim_batch(step, claim_round, size)
+                ids, done_ids = claim_batch(step, claim_round, size, done_ids), []
                 if seen.issuperset(ids):  # nothing left (or only our own batch again, its lease run out): stop
                     if ids:
                         release_batch(step, ids)
@@ -47,9 +48,11 @@ def claimed_batches(step: str, claim_round: str, size: int, work: Any, *, in_fli
             if not running:  # nothing left to claim, nothing being worked: the step is done for this run
                 return finished
             done = next(as_completed(list(running)))
-            release_batch(step, running.pop(done))
+            done_ids = running.pop(done)
             finished.append(done)
     finally:  # a claim that failed for good ends the loop: let the batches in hand finish, hand them back
+        if done_ids:
+            release_batch(step, done_ids)
         for future, ids in running.items():
             future.wait()
             release_batch(step, ids)

@@ -31,7 +31,9 @@ The steps:
 
 - ``assemble``: cases whose packet is kept up to date (``documents.needs_packet``), most urgent first
 - ``render``: ready cases and denied ones with an open appeal (``letters.needs_letter``), most urgent first
-- ``send``: pending submissions (``outbox.is_pending``), oldest first
+- ``send``: pending submissions (``outbox.is_pending``), oldest first, one payer per batch: of the payers
+  with the fewest rows held by runs right now (runs at once spread over the payers), the one with the
+  oldest. A batch then takes one slot of one payer's limit (tasks/submit.py), not one per payer in it.
 
 Claims only say who works on what: the work itself stays safe without them (compare-and-set state changes,
 unique letters and packets, idempotency keys towards the payer), so a lease that runs out while its run is
@@ -46,6 +48,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+
+from sqlmodel import Session
 
 from retroauth.db import session_scope
 from retroauth.models import RetroCase, Submission, utcnow
@@ -66,6 +70,8 @@ class Step:
     table: Any  # the SQLModel class whose rows are claimed
     condition: Callable[[], sa.ColumnElement[bool]]  # the step's work, whoever holds it
     order: Callable[[], Sequence[Any]]
+    # A batch keeps to one value of a column: (the FROM clause that has it, the column); None: any mix.
+    group: Callable[[], tuple[Any, Any]] | None = None
 
 
 def _steps() -> dict[str, Step]:
@@ -79,7 +85,9 @@ def _steps() -> dict[str, Step]:
     return {
         "assemble": Step("assemble", RetroCase, needs_packet, urgent_first),
         "render": Step("render", RetroCase, needs_letter, urgent_first),
-        "send": Step("send", Submission, is_pending, lambda: (Submission.id,)),
+        "send": Step("send", Submission, is_pending, lambda: (Submission.id,),
+                     group=lambda: (sa.join(Submission, RetroCase, RetroCase.id == Submission.case_id),
+                                    RetroCase.payer_id)),
     }
 
 
@@ -117,9 +125,10 @@ def _free(t: Any, key: str, owner: str, now: datetime) -> sa.ColumnElement[bool]
 
 
 def claim(engine: sa.Engine, step_name: str, *, owner: str, round_id: str, limit: int,
-          lease: timedelta = LEASE, now: datetime | None = None) -> list[int]:
+          lease: timedelta = LEASE, now: datetime | None = None, handing_back: Iterable[int] = ()) -> list[int]:
     """Take up to ``limit`` rows of the step's work that nobody holds, in one statement; return their ids
-    (an empty list: nothing is left for this round, or everything left is held by other runs)."""
+    (an empty list: nothing is left for this round, or everything left is held by other runs).
+    ``handing_back``: a batch this owner is done with, released in the same transaction first."""
     st = step(step_name)
     if limit < 1:
         raise ClaimError("limit must be at least 1")
@@ -128,7 +137,11 @@ def claim(engine: sa.Engine, step_name: str, *, owner: str, round_id: str, limit
     t = st.table
     key = round_key(st.name, round_id)
     now = now or utcnow()
-    picked = (sa.select(t.id).where(st.condition(), _free(t, key, owner, now)).order_by(*st.order()).limit(limit)
+    rows = sa.select(t.id).where(st.condition(), _free(t, key, owner, now))
+    if st.group is not None:
+        source, column = st.group()
+        rows = rows.select_from(source).where(column == _next_group(st, key, owner, now))
+    picked = (rows.order_by(*st.order()).limit(limit)
               .with_for_update(of=t.__table__, skip_locked=True)
               .cte("picked"))
     stmt = (sa.update(t).where(t.id == picked.c.id, _free(t, key, owner, now))
@@ -136,21 +149,42 @@ def claim(engine: sa.Engine, step_name: str, *, owner: str, round_id: str, limit
             .returning(t.id)
             .execution_options(synchronize_session=False))
     with session_scope(engine) as s:
+        _release(s, t, handing_back, owner)
         return sorted(s.execute(stmt).scalars().all())
+
+
+def _next_group(st: Step, key: str, owner: str, now: datetime) -> sa.ScalarSelect:
+    """The group the next batch keeps to: the group of the first free row, taking first the groups with the
+    fewest rows held by runs right now (runs at once spread over the groups), then the oldest work. That row
+    is locked with SKIP LOCKED like the batch's, so that two claimers at once on PostgreSQL never end up with
+    a group whose free rows the other is taking (an empty claim would end a run's step too early)."""
+    t = st.table
+    source, column = st.group()
+    held = (sa.select(column.label("g"), sa.func.count().label("n")).select_from(source)
+            .where(st.condition(), sa.not_(unheld(t, now))).group_by(column).subquery("held_groups"))
+    first = (sa.select(column.label("g")).select_from(source.outerjoin(held, held.c.g == column))
+             .where(st.condition(), _free(t, key, owner, now))
+             .order_by(sa.func.coalesce(held.c.n, 0), *st.order()).limit(1)
+             .with_for_update(of=t.__table__, skip_locked=True)
+             .cte("next_group"))
+    return sa.select(first.c.g).scalar_subquery()
 
 
 def release(engine: sa.Engine, step_name: str, ids: Iterable[int], *, owner: str) -> int:
     """Hand back rows this owner holds: the lease ends, the round key stays. Returns how many were held
     (a row whose lease ran out and that another run took since is not ours to hand back)."""
-    t = step(step_name).table
+    with session_scope(engine) as s:
+        return _release(s, step(step_name).table, ids, owner)
+
+
+def _release(s: Session, t: Any, ids: Iterable[int], owner: str) -> int:
     ids = sorted(set(ids))
     released = 0
-    with session_scope(engine) as s:
-        for i in range(0, len(ids), 500):
-            released += s.execute(
-                sa.update(t).where(t.id.in_(ids[i:i + 500]), t.claimed_by == owner, t.claimed_until.is_not(None))
-                .values(claimed_until=None).execution_options(synchronize_session=False)
-            ).rowcount
+    for i in range(0, len(ids), 500):
+        released += s.execute(
+            sa.update(t).where(t.id.in_(ids[i:i + 500]), t.claimed_by == owner, t.claimed_until.is_not(None))
+            .values(claimed_until=None).execution_options(synchronize_session=False)
+        ).rowcount
     return released
 
 

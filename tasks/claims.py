@@ -12,10 +12,12 @@ from tasks import context
 
 # Never cached: the same arguments take the next batch each time.
 @task(name="claim-batch", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5, cache_policy=NO_CACHE)
-def claim_batch(step: str, claim_round: str, size: int) -> list[int]:
+def claim_batch(step: str, claim_round: str, size: int, handing_back: list[int] | None = None) -> list[int]:
     """Up to ``size`` ids of the step's work (cases, or submissions for ``send``) that nobody holds and this
-    round has not taken yet, leased to the running flow run; empty when nothing is left."""
-    return claims.claim(context.engine(), step, owner=context.claim_owner(), round_id=claim_round, limit=size)
+    round has not taken yet, leased to the running flow run; empty when nothing is left. ``handing_back``:
+    the batch this run just finished, handed back in the same transaction (one task run, not two)."""
+    return claims.claim(context.engine(), step, owner=context.claim_owner(), round_id=claim_round, limit=size,
+                        handing_back=handing_back or ())
 
 
 @task(name="release-batch", retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5, cache_policy=NO_CACHE)

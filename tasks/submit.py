@@ -46,9 +46,10 @@ def enqueue_batch(case_ids: list[int]) -> dict:
 def send_batch(submission_ids: list[int]) -> dict:
     """Send the batch's pending submissions and record them, one payer at a time, each inside a slot of
     that payer's global concurrency limit (``payer-api-<payer id>``: so many batches per payer at once,
-    across all workers; without the limit on the server the send is not held back). A transient failure
-    fails the run after the others are recorded; the retry sends only those still pending, with the same
-    idempotency keys."""
+    across all workers; without the limit on the server the send is not held back). A claimed batch is one
+    payer's (retroauth.claims), so it takes one slot: each take costs two calls to the server. A transient
+    failure fails the run after the others are recorded; the retry sends only those still pending, with the
+    same idempotency keys."""
     summary = SendSummary()
     for payer_id, ids in submissions_by_payer(context.engine(), submission_ids).items():
         # The lease is renewed while the batch sends; a killed worker's slot comes back after SLOT_LEASE.

@@ -28,6 +28,8 @@ DATA = ROOT / "tests" / "data"
 PAYER = "test-commercial"  # the test payer: retro requests accepted, no documents beyond the generated ones
 TOKEN = "scale-out-token"
 _SUBMITTING = re.compile(r"Worker '([^']+)' submitting flow run '([0-9a-f-]{36})'")
+# Two workers may both pick up a run: the server lets one start it and tells the other to abort.
+_ABORTED = re.compile(r"Aborted submission of flow run '([0-9a-f-]{36})'")
 
 
 def free_port() -> int:
@@ -203,8 +205,11 @@ class DayOnWorkers:
         """Flow run id -> the worker that started it (from the workers' logs)."""
         out = {}
         for w in self.workers:
-            for name, run_id in _SUBMITTING.findall(w.log.read_text(errors="replace")):
-                out[run_id] = name
+            log = w.log.read_text(errors="replace")
+            aborted = set(_ABORTED.findall(log))
+            for name, run_id in _SUBMITTING.findall(log):
+                if run_id not in aborted:
+                    out[run_id] = name
         return out
 
     # --- the day -----------------------------------------------------------------------------------------

@@ -91,6 +91,29 @@ def test_submissions_are_claimed_for_sending(engine):
     assert pending_submissions(engine) == pending
 
 
+def _submissions(engine, payers: list[str]) -> list[int]:
+    """One pending submission per payer given, in that order (a submitting case each)."""
+    case_ids = _cases(engine, len(payers), CaseStatus.SUBMITTING)
+    with session_scope(engine) as s:
+        for cid, payer in zip(case_ids, payers):
+            s.execute(sa.update(RetroCase).where(RetroCase.id == cid).values(payer_id=payer))
+        subs = [Submission(case_id=cid, channel="packet", idempotency_key=f"k{cid}") for cid in case_ids]
+        s.add_all(subs)
+        s.flush()
+        return [sub.id for sub in subs]
+
+
+def test_a_send_batch_is_one_payers_and_runs_at_once_spread_over_the_payers(engine):
+    a1, b1, a2, c1, b2, a3 = _submissions(engine, ["a", "b", "a", "c", "b", "a"])
+    # the payer of the oldest submission; only its submissions, oldest first
+    assert claims.claim(engine, "send", owner="r1", round_id="x", limit=2) == [a1, a2]
+    # another run now: payer a is being sent to, b and c are not; b has the older work
+    assert claims.claim(engine, "send", owner="r2", round_id="x", limit=10) == [b1, b2]
+    assert claims.claim(engine, "send", owner="r3", round_id="x", limit=10) == [c1]
+    assert claims.claim(engine, "send", owner="r4", round_id="x", limit=10) == [a3]  # only a has work left
+    assert claims.claim(engine, "send", owner="r5", round_id="x", limit=10) == []
+
+
 def test_bad_claims_are_refused(engine):
     with pytest.raises(claims.ClaimError, match="unknown step"):
         claims.claim(engine, "sweep", owner="a", round_id="r", limit=1)
@@ -100,35 +123,52 @@ def test_bad_claims_are_refused(engine):
         claims.claim(engine, "assemble", owner="a", round_id="r", limit=0)
 
 
-def test_many_claimers_at_once_never_get_the_same_case(engine, db_url):
-    """Eight threads, each with its own engine (connections), claim batches of 7 until nothing is left."""
-    ids = _cases(engine, 120)
+def _claim_at_once(db_url: str, step: str, claimers: int, limit: int) -> list[tuple[str, list[int]]]:
+    """``claimers`` threads, each with its own engine (connections), claim batches of ``limit`` of ``step`` at
+    the same time until each gets an empty claim; every batch with its claimer."""
     taken: list[tuple[str, list[int]]] = []
     errors: list[BaseException] = []
-    start = threading.Barrier(8)
+    start = threading.Barrier(claimers)
 
     def worker(name: str) -> None:
         eng = make_engine(db_url)
         try:
             start.wait()
-            while batch := claims.claim(eng, "assemble", owner=name, round_id="r1", limit=7):
+            while batch := claims.claim(eng, step, owner=name, round_id="r1", limit=limit):
                 taken.append((name, batch))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
             eng.dispose()
 
-    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(8)]
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(claimers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert errors == []
+    return taken
+
+
+def test_many_claimers_at_once_never_get_the_same_case(engine, db_url):
+    ids = _cases(engine, 120)
+    taken = _claim_at_once(db_url, "assemble", claimers=8, limit=7)
     counts = Counter(cid for _, batch in taken for cid in batch)
     assert sorted(counts) == ids and set(counts.values()) == {1}
     with session_scope(engine) as s:
         owner = dict(s.execute(sa.select(RetroCase.id, RetroCase.claimed_by)).all())
     assert all(owner[cid] == name for name, batch in taken for cid in batch)
+
+
+def test_many_senders_at_once_take_one_payers_submissions_per_batch_each_once(engine, db_url):
+    subs = _submissions(engine, [f"payer-{i % 4}" for i in range(60)])
+    with session_scope(engine) as s:
+        payer_of = dict(s.execute(sa.select(Submission.id, RetroCase.payer_id)
+                                  .join(RetroCase, RetroCase.id == Submission.case_id)).all())
+    taken = _claim_at_once(db_url, "send", claimers=6, limit=4)
+    counts = Counter(sid for _, batch in taken for sid in batch)
+    assert sorted(counts) == subs and set(counts.values()) == {1}
+    assert all(len({payer_of[sid] for sid in batch}) == 1 for _, batch in taken)
 
 
 @pytest.mark.usefixtures("prefect_server", "app_env")
