@@ -7,6 +7,7 @@ import os
 import uuid
 from datetime import datetime, timezone
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -48,8 +49,24 @@ def storage() -> Storage:
     return _storages[s.storage_url]
 
 
+_libraries: dict[tuple, RuleLibrary] = {}
+
+
 def rule_library() -> RuleLibrary:
-    return load_rule_library(settings().payer_rules_dir)
+    """The payer rules, read once per process (reading and checking them takes ~0.1 s, and a day calls
+    this in every batch) and again as soon as a file of the folder changes, is added or removed."""
+    folder = Path(settings().payer_rules_dir)
+    try:
+        files = tuple(sorted((p.name, st.st_mtime_ns, st.st_size) for p in folder.iterdir() for st in [p.stat()]))
+    except OSError:  # a folder that is not there: load_rule_library says so, naming it
+        return load_rule_library(folder)
+    key = (str(folder), files)
+    library = _libraries.get(key)
+    if library is None:
+        library = load_rule_library(folder)
+        _libraries.clear()  # the folder's earlier state
+        _libraries[key] = library
+    return library
 
 
 def aware(t: datetime) -> datetime:
@@ -62,6 +79,7 @@ def reset() -> None:
         e.dispose()
     _engines.clear()
     _storages.clear()
+    _libraries.clear()
     settings.cache_clear()
 
 
@@ -113,4 +131,13 @@ def batch_cache_key(task_context: Any, parameters: dict[str, Any]) -> str | None
         return None  # a task called outside a flow run: no caching
     ids = ",".join(str(i) for i in sorted(parameters.get("case_ids") or []))
     digest = hashlib.sha256(ids.encode()).hexdigest()[:24]
-    return f"{task_context.task.name}-{flow_run.root_flow_run_id}-{digest}"
+    return f"{task_context.task.name}-{_root_flow_run_id(flow_run.id)}-{digest}"
+
+
+@lru_cache(maxsize=256)
+def _root_flow_run_id(flow_run_id: str) -> str:
+    """The top-level run of the running flow run ``flow_run_id``: Prefect climbs the parents through the
+    API (a few calls, each with a new client) every time it is asked, and a day asks once per batch."""
+    from prefect.runtime import flow_run
+
+    return flow_run.root_flow_run_id

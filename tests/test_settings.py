@@ -50,3 +50,27 @@ def test_env_file_is_read(monkeypatch, tmp_path):
                                     ("1245319599", True), ("abcdefghij", False)])
 def test_npi_check_digit(npi, ok):
     assert npi_is_valid(npi) is ok
+
+
+def test_the_tasks_read_the_payer_rules_once_and_again_when_a_file_changes(monkeypatch, tmp_path):
+    import os
+    import shutil
+
+    from tasks import context
+    from tests.conftest import DATA
+
+    rules = tmp_path / "payers"
+    shutil.copytree(DATA / "payers", rules)
+    monkeypatch.setenv("RETROAUTH_PAYER_RULES_DIR", str(rules))
+    context.reset()
+    try:
+        first = context.rule_library()
+        assert context.rule_library() is first  # not read again
+        changed = sorted(rules.glob("*.yaml"))[0]
+        changed.write_text(changed.read_text() + "\n# edited\n")
+        os.utime(changed, ns=(1, 1))  # a new mtime, even within the file system's clock tick
+        assert context.rule_library() is not first
+        (rules / "extra.yaml").write_text(changed.read_text().replace("id: ", "id: x-", 1))
+        assert set(context.rule_library()) == {*first, "x-" + changed.stem}  # a file added
+    finally:
+        context.reset()
