@@ -12,7 +12,8 @@ What it does, in one run in a temp directory (retroauth on SQLite, local storage
    workers gave "database is locked" and 503s on create_flow_run; ``--prefect-db sqlite`` shows it),
    deployments/setup.py applied (pool, queues, payer limits, deployments), and --workers process workers
    on the pool's ``urgent`` queue, each polling
-   every --poll seconds and running at most --limit flow runs at once (``prefect worker start --limit``:
+   every --poll seconds, at a lower CPU priority than the server (--niceness, as ``make serve`` starts its
+   worker) and running at most --limit flow runs at once (``prefect worker start --limit``:
    without it a worker starts a process for every run it finds, and 200 Python processes at once do not fit
    in this machine's memory), warm (they have polled) before the first trigger.
 2. --background generated encounters (a hospital's month) and --triggers emergency encounters, each with a
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="process workers on the urgent queue (1-3)")
     ap.add_argument("--limit", type=int, default=3, help="flow runs each worker runs at once")
     ap.add_argument("--poll", type=float, default=1.0, help="worker poll interval, seconds")
+    ap.add_argument("--niceness", type=int, default=None,
+                    help="the workers' niceness (default: retroauth.cli_ops.WORKER_NICENESS, as make serve)")
     ap.add_argument("--background", type=int, default=20000, help="generated encounters in the database")
     ap.add_argument("--deadline", type=float, default=1800.0,
                     help="stop waiting this many seconds after the first trigger and report how far it got")
@@ -121,6 +124,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
     ap.add_argument("--json", type=Path, help="write the results here (for benchmarks/report.py)")
     args = ap.parse_args()
+    if args.niceness is None:
+        from retroauth.cli_ops import WORKER_NICENESS
+
+        args.niceness = WORKER_NICENESS
     rec = Recorder("load")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped (SIGTERM)"))  # so that the finally blocks run
 
@@ -191,7 +198,9 @@ def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> d
     from prefect.deployments import run_deployment
 
     from config.settings import load_settings
-    from retroauth.cli_ops import URGENT_DEPLOYMENT, URGENT_QUEUE, load_setup_module, urgent_idempotency_key
+    from retroauth.cli_ops import (
+        URGENT_DEPLOYMENT, URGENT_QUEUE, load_setup_module, start_worker, urgent_idempotency_key,
+    )
     from retroauth.db import make_engine, migrate
     from retroauth.generate import generate
     from retroauth.models import RetroCase, Submission
@@ -214,10 +223,10 @@ def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> d
 
     workers = []
     for i in range(args.workers):
-        workers.append(subprocess.Popen(
+        workers.append(start_worker(  # at the niceness `retroauth serve` and `retroauth worker` give theirs
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "retroauth", "--type", "process",
              "--work-queue", URGENT_QUEUE, "--name", f"load-worker-{i + 1}", "--limit", str(args.limit)],
-            stdout=open(tmp / f"worker-{i + 1}.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT))
+            args.niceness, stdout=open(tmp / f"worker-{i + 1}.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT))
     procs += workers
     t0 = time.perf_counter()
     with get_client(sync_client=True) as client:

@@ -108,7 +108,9 @@ def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> d
     from prefect.deployments import run_deployment
 
     from config.settings import load_settings
-    from retroauth.cli_ops import URGENT_DEPLOYMENT, URGENT_QUEUE, load_setup_module, urgent_idempotency_key
+    from retroauth.cli_ops import (
+        URGENT_DEPLOYMENT, URGENT_QUEUE, load_setup_module, start_worker, urgent_idempotency_key,
+    )
     from retroauth.db import make_engine, migrate
     from retroauth.generate import generate
     from retroauth.rules import load_rule_library
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace, tmp: Path, procs: list[subprocess.Popen]) -> d
     report = load_setup_module().setup(settings)
     print(f"deployed: {', '.join(report.deployments)}; queues {report.queues}")
 
-    procs.append(subprocess.Popen(
+    procs.append(start_worker(  # as `make serve` starts its worker
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "retroauth", "--type", "process",
          "--work-queue", URGENT_QUEUE, "--name", "bench-worker"],
         stdout=open(tmp / "worker.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT))

@@ -26,6 +26,17 @@ from config.settings import Settings, SettingsError, load_settings
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 4200
 POOL = "retroauth"
+# Workers (and the flow-run processes they start, which inherit it) run at a lower CPU priority than the
+# server: under a burst of urgent runs the UI, the API and new triggers still get answered at once.
+WORKER_NICENESS = 10
+
+
+def start_worker(cmd: list[str], niceness: int = WORKER_NICENESS, **popen: Any) -> subprocess.Popen:
+    """A ``prefect worker start`` process at ``niceness`` (set before it starts any flow run)."""
+    proc = subprocess.Popen(cmd, **popen)
+    if niceness:
+        os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
+    return proc
 URGENT_DEPLOYMENT = "urgent-case/urgent-case"
 URGENT_QUEUE = "urgent"
 # A request made again within the same window of this many seconds is the same request (one run).
@@ -166,7 +177,8 @@ def serve(
     RETROAUTH_PREFECT_DATABASE_URL is set; no telemetry), waits until it answers, creates the work pool
     "retroauth" with its queues "urgent" and "default" and one concurrency limit per payer, deploys
     daily-run, follow-ups, urgent-case and work-day (the daily run's helpers), starts a worker on the pool
-    and prints the UI address.
+    (at a lower CPU priority than the server, so that the UI and triggers stay quick while it works) and
+    prints the UI address.
     Everything it creates is created once: running it again changes nothing. Ctrl-C stops it all.
     """
     settings = _settings()
@@ -217,13 +229,13 @@ def serve(
 
         if worker:
             worker_log = home / "worker.log"
-            worker_proc = subprocess.Popen(
+            worker_proc = start_worker(
                 [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
                  "--name", f"{POOL}-{socket.gethostname()}-{os.getpid()}"],
                 stdout=open(worker_log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
             )
-            console.print(f"[green]worker started[/] on pool {POOL}, polling every {poll_seconds:g} s "
-                          f"(log: {worker_log})")
+            console.print(f"[green]worker started[/] on pool {POOL}, polling every {poll_seconds:g} s, "
+                          f"niceness +{WORKER_NICENESS} (log: {worker_log})")
 
         console.rule()
         console.print(f"Prefect UI: [bold]{ui_url(api)}[/]")
@@ -271,6 +283,9 @@ def worker(
                                               "no limit). 1 spreads a day's runs over the workers.")] = None,
     queue: Annotated[list[str] | None, typer.Option(help="Serve only this queue of the pool (repeatable; "
                                                     "default: all, urgent first).")] = None,
+    niceness: Annotated[int, typer.Option(min=0, max=19, help="How much lower than normal the CPU priority "
+                                          "of the worker and its flow runs is (0: the same as the server's).")]
+    = WORKER_NICENESS,
 ) -> None:
     """Start one more worker on the "retroauth" pool (on this or another machine) until Ctrl-C.
 
@@ -289,7 +304,7 @@ def worker(
         cmd += ["--limit", str(limit)]
     for q in queue or []:
         cmd += ["--work-queue", q]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    proc = start_worker(cmd, niceness, env=env, cwd=ROOT)
     try:
         raise typer.Exit(proc.wait())
     except KeyboardInterrupt:

@@ -131,3 +131,19 @@ def test_submit_and_record_commands(tmp_path):
     assert r.returncode == 2 and "--auth-number" in r.stderr
     r = run(["record", "999", "--denied", "--reason", "A3"], tmp_path)
     assert r.returncode == 2 and "999" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_workers_run_at_a_lower_cpu_priority_than_the_server():
+    import os
+
+    from retroauth.cli_ops import WORKER_NICENESS, start_worker
+
+    proc = start_worker(["sleep", "30"])
+    try:
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, ours + WORKER_NICENESS) > ours
+        stat = open(f"/proc/{proc.pid}/stat").read()
+        assert int(stat.rsplit(")", 1)[1].split()[16]) == min(19, ours + WORKER_NICENESS)  # the kernel's "nice"
+    finally:
+        proc.kill()
+        proc.wait()
