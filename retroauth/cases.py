@@ -164,10 +164,7 @@ def transition_many(
     if moved:
         session.execute(
             sa.insert(CaseEvent),
-            [
-                _event(cid, src, to_status, actor, (details or {}).get(cid), now).model_dump(exclude={"id"})
-                for cid, src in moved
-            ],
+            [_event_row(cid, src, to_status, actor, (details or {}).get(cid), now) for cid, src in moved],
         )
     session.expire_all()
     return sorted(cid for cid, _ in moved)
@@ -198,11 +195,15 @@ def escalate(s: Session, case_ids: Sequence[int], why: str, as_of: datetime, act
     return ids
 
 
+def _event_row(case_id: int, src: str, dst: str, actor: Actor, details: dict | None, now) -> dict:  # noqa: ANN001
+    """The columns of a transition's audit event (a plain dict: building a ``CaseEvent`` per row for a
+    set-based insert costs more than the insert, ~90 us a row)."""
+    return dict(case_id=case_id, occurred_at=now, run_id=actor.run_id, actor=actor.name, event="transition",
+                from_status=str(src), to_status=str(dst), details=details)
+
+
 def _event(case_id: int, src: str, dst: str, actor: Actor, details: dict | None, now) -> CaseEvent:  # noqa: ANN001
-    return CaseEvent(
-        case_id=case_id, occurred_at=now, run_id=actor.run_id, actor=actor.name, event="transition",
-        from_status=str(src), to_status=str(dst), details=details,
-    )
+    return CaseEvent(**_event_row(case_id, src, dst, actor, details, now))
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
