@@ -147,3 +147,28 @@ def test_workers_run_at_a_lower_cpu_priority_than_the_server():
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize("why,says", [
+    ("auth_number_of_another_case", "already on another case"),
+    ("review_sla_passed", "review time is over"),
+    ("", "call the payer"),
+])
+def test_case_show_says_what_to_do_with_an_escalated_case(tmp_path, why, says):
+    from datetime import datetime, timezone
+
+    from retroauth.cases import Actor, escalate
+    from retroauth.db import session_scope
+    from retroauth.vocab import CaseStatus
+    from tests.factories import new_case
+
+    assert run(["init"], tmp_path).returncode == 0
+    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'retroauth.db'}")
+    with session_scope(engine) as s:
+        case_id = new_case(s, status=CaseStatus.SUBMITTED).id
+        assert escalate(s, [case_id], why, datetime(2026, 11, 27, tzinfo=timezone.utc), Actor(name="test")) == [case_id]
+    engine.dispose()
+    r = run(["case", "show", str(case_id)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # the table wraps long lines
+    assert "escalated" in text and says in text
