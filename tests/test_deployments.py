@@ -253,8 +253,14 @@ def test_a_warm_worker_takes_an_urgent_encounter_to_submitted_and_a_ui_retry_red
         assert rerun.state.is_completed() and rerun.run_count == 2
         assert table_counts(engine) == before
         with get_client(sync_client=True) as client:
-            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
-                                              task_run_filter=TaskRunFilter())
+            deadline = time.monotonic() + 60
+            while True:  # the server records task runs' states from events, a moment after the flow run ends
+                task_runs = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), task_run_filter=TaskRunFilter())
+                if all(tr.state is not None and tr.state.is_final() for tr in task_runs):
+                    break
+                assert time.monotonic() < deadline, [(tr.name, tr.state) for tr in task_runs]
+                time.sleep(0.2)
         states = {}
         for tr in task_runs:
             states.setdefault(tr.name.rsplit("-", 1)[0], []).append(tr.state.name)  # "render-letters-3fa"
