@@ -48,7 +48,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-
 from sqlmodel import Session
 
 from retroauth.db import session_scope
@@ -140,7 +139,7 @@ def claim(engine: sa.Engine, step_name: str, *, owner: str, round_id: str, limit
     rows = sa.select(t.id).where(st.condition(), _free(t, key, owner, now))
     if st.group is not None:
         source, column = st.group()
-        rows = rows.select_from(source).where(column == _next_group(st, key, owner, now))
+        rows = rows.select_from(source).where(column == _next_group(st, source, column, key, owner, now))
     picked = (rows.order_by(*st.order()).limit(limit)
               .with_for_update(of=t.__table__, skip_locked=True)
               .cte("picked"))
@@ -153,13 +152,12 @@ def claim(engine: sa.Engine, step_name: str, *, owner: str, round_id: str, limit
         return sorted(s.execute(stmt).scalars().all())
 
 
-def _next_group(st: Step, key: str, owner: str, now: datetime) -> sa.ScalarSelect:
+def _next_group(st: Step, source: Any, column: Any, key: str, owner: str, now: datetime) -> sa.ScalarSelect:
     """The group the next batch keeps to: the group of the first free row, taking first the groups with the
     fewest rows held by runs right now (runs at once spread over the groups), then the oldest work. That row
     is locked with SKIP LOCKED like the batch's, so that two claimers at once on PostgreSQL never end up with
     a group whose free rows the other is taking (an empty claim would end a run's step too early)."""
     t = st.table
-    source, column = st.group()
     held = (sa.select(column.label("g"), sa.func.count().label("n")).select_from(source)
             .where(st.condition(), sa.not_(unheld(t, now))).group_by(column).subquery("held_groups"))
     first = (sa.select(column.label("g")).select_from(source.outerjoin(held, held.c.g == column))

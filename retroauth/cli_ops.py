@@ -29,14 +29,6 @@ POOL = "retroauth"
 # Workers (and the flow-run processes they start, which inherit it) run at a lower CPU priority than the
 # server: under a burst of urgent runs the UI, the API and new triggers still get answered at once.
 WORKER_NICENESS = 10
-
-
-def start_worker(cmd: list[str], niceness: int = WORKER_NICENESS, **popen: Any) -> subprocess.Popen:
-    """A ``prefect worker start`` process at ``niceness`` (set before it starts any flow run)."""
-    proc = subprocess.Popen(cmd, **popen)
-    if niceness:
-        os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
-    return proc
 URGENT_DEPLOYMENT = "urgent-case/urgent-case"
 URGENT_QUEUE = "urgent"
 # A request made again within the same window of this many seconds is the same request (one run).
@@ -51,6 +43,14 @@ app.add_typer(trigger_app, name="trigger")
 
 console = Console()
 err = Console(stderr=True)
+
+
+def start_worker(cmd: list[str], niceness: int = WORKER_NICENESS, **popen: Any) -> subprocess.Popen:
+    """A ``prefect worker start`` process at ``niceness`` (set before it starts any flow run)."""
+    proc = subprocess.Popen(cmd, **popen)
+    if niceness:
+        os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
+    return proc
 
 
 def _reflowed(command: Any) -> Any:

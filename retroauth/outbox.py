@@ -491,6 +491,6 @@ def _write_authorization(s: Session, case_id: int, auth_number: str, source: str
 
 __all__ = [
     "AuthorizationConflict", "EnqueueResult", "OutboxError", "PollSummary", "SendSummary", "SendsIncomplete",
-    "appeal_channel", "appeals_to_file", "cases_to_enqueue", "default_channels", "enqueue", "enqueue_appeals", "idempotency_key",
-    "is_pending", "pending_submissions", "poll_submissions", "record_outcome", "send_pending",
+    "appeal_channel", "appeals_to_file", "cases_to_enqueue", "default_channels", "enqueue", "enqueue_appeals",
+    "idempotency_key", "is_pending", "pending_submissions", "poll_submissions", "record_outcome", "send_pending",
 ]
