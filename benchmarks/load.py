@@ -1,6 +1,6 @@
 """Urgent triggers under load: many encounters triggered within a minute against the running stack.
 
-    .venv/bin/python benchmarks/load.py [--triggers 200] [--within 60] [--workers 2] [--limit 3] [--poll 1]
+    .venv/bin/python benchmarks/load.py [--triggers 200] [--within 60] [--workers 2] [--limit 3] [--poll 2]
                                         [--background 20000] [--deadline 1800] [--prefect-db postgres|sqlite]
                                         [--json var/bench/load.json]
 
@@ -112,7 +112,8 @@ def main() -> None:
     ap.add_argument("--within", type=float, default=60.0, help="seconds the triggers are spread over")
     ap.add_argument("--workers", type=int, default=2, help="process workers on the urgent queue (1-3)")
     ap.add_argument("--limit", type=int, default=3, help="flow runs each worker runs at once")
-    ap.add_argument("--poll", type=float, default=1.0, help="worker poll interval, seconds")
+    ap.add_argument("--poll", type=float, default=None,
+                    help="worker poll interval, seconds (default: retroauth.cli_ops.WORKER_POLL_SECONDS, as make serve)")
     ap.add_argument("--niceness", type=int, default=None,
                     help="the workers' niceness (default: retroauth.cli_ops.WORKER_NICENESS, as make serve)")
     ap.add_argument("--background", type=int, default=20000, help="generated encounters in the database")
@@ -124,10 +125,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs, database)")
     ap.add_argument("--json", type=Path, help="write the results here (for benchmarks/report.py)")
     args = ap.parse_args()
-    if args.niceness is None:
-        from retroauth.cli_ops import WORKER_NICENESS
+    from retroauth.cli_ops import WORKER_NICENESS, WORKER_POLL_SECONDS
 
-        args.niceness = WORKER_NICENESS
+    args.niceness = WORKER_NICENESS if args.niceness is None else args.niceness
+    args.poll = WORKER_POLL_SECONDS if args.poll is None else args.poll
     rec = Recorder("load")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped (SIGTERM)"))  # so that the finally blocks run
 

@@ -29,6 +29,9 @@ POOL = "retroauth"
 # Workers (and the flow-run processes they start, which inherit it) run at a lower CPU priority than the
 # server: under a burst of urgent runs the UI, the API and new triggers still get answered at once.
 WORKER_NICENESS = 10
+# How often a worker asks the server for runs: an urgent run waits half of it on average; each ask costs
+# the server a query over the queue's scheduled runs (all of them, under a burst).
+WORKER_POLL_SECONDS = 2.0
 URGENT_DEPLOYMENT = "urgent-case/urgent-case"
 URGENT_QUEUE = "urgent"
 # A request made again within the same window of this many seconds is the same request (one run).
@@ -46,7 +49,12 @@ err = Console(stderr=True)
 
 
 def start_worker(cmd: list[str], niceness: int = WORKER_NICENESS, **popen: Any) -> subprocess.Popen:
-    """A ``prefect worker start`` process at ``niceness`` (set before it starts any flow run)."""
+    """A ``prefect worker start`` process at ``niceness`` (set before it starts any flow run).
+
+    In its own process group, so that a Ctrl-C in the terminal reaches only the command that started it
+    (which stops it with SIGTERM), never its flow runs; but in the same session: on Linux a session is
+    a scheduling autogroup, and niceness only counts against the processes of the same autogroup."""
+    popen.setdefault("process_group", 0)
     proc = subprocess.Popen(cmd, **popen)
     if niceness:
         os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
@@ -168,7 +176,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 def serve(
     host: Annotated[str, typer.Option(help="Address the Prefect server listens on.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI.")] = DEFAULT_PORT,
-    poll_seconds: Annotated[float, typer.Option(help="How often the worker asks for new runs (seconds).")] = 2.0,
+    poll_seconds: Annotated[float, typer.Option(help="How often the worker asks for new runs (seconds).")]
+    = WORKER_POLL_SECONDS,
     worker: Annotated[bool, typer.Option(help="Start a worker on the pool here too.")] = True,
 ) -> None:
     """Run retroauth on this machine: the Prefect server and UI, the deployments and a worker.
@@ -232,7 +241,7 @@ def serve(
             worker_proc = start_worker(
                 [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
                  "--name", f"{POOL}-{socket.gethostname()}-{os.getpid()}"],
-                stdout=open(worker_log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                stdout=open(worker_log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT,
             )
             console.print(f"[green]worker started[/] on pool {POOL}, polling every {poll_seconds:g} s, "
                           f"niceness +{WORKER_NICENESS} (log: {worker_log})")
@@ -278,7 +287,8 @@ def _print_setup(report: Any) -> None:
 def worker(
     api: Annotated[str | None, typer.Option("--api-url", help="The Prefect API (default: PREFECT_API_URL, "
                                             "else http://127.0.0.1:4200/api).")] = None,
-    poll_seconds: Annotated[float, typer.Option(help="How often to ask for new runs (seconds).")] = 2.0,
+    poll_seconds: Annotated[float, typer.Option(help="How often to ask for new runs (seconds).")]
+    = WORKER_POLL_SECONDS,
     limit: Annotated[int | None, typer.Option(min=1, help="Flow runs this worker runs at a time (default: "
                                               "no limit). 1 spreads a day's runs over the workers.")] = None,
     queue: Annotated[list[str] | None, typer.Option(help="Serve only this queue of the pool (repeatable; "

@@ -144,6 +144,10 @@ def test_workers_run_at_a_lower_cpu_priority_than_the_server():
         assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, ours + WORKER_NICENESS) > ours
         stat = open(f"/proc/{proc.pid}/stat").read()
         assert int(stat.rsplit(")", 1)[1].split()[16]) == min(19, ours + WORKER_NICENESS)  # the kernel's "nice"
+        # Its own process group (a Ctrl-C reaches only the command that started it), our session: on Linux a
+        # new session is a new autogroup, where the niceness would not count against the server's.
+        assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
+        assert os.getsid(proc.pid) == os.getsid(0)
     finally:
         proc.kill()
         proc.wait()
