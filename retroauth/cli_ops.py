@@ -299,7 +299,8 @@ def worker(
 ) -> None:
     """Start one more worker on the "retroauth" pool (on this or another machine) until Ctrl-C.
 
-    Needs the same checkout at the same path as the machine that deployed, the same RETROAUTH_*
+    Needs the same checkout at the same path as the machine that deployed (with its .venv: runs
+    start on the interpreter that deployed), the same RETROAUTH_*
     settings (the same database and storage) and RETROAUTH_RESULTS_DIR on a directory every worker
     shares. With several workers the Prefect server should run on PostgreSQL. A worker with --limit 1
     takes one run of a day (the daily run or one of its helpers) and leaves the others to the other
