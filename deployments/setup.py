@@ -57,7 +57,7 @@ def engine_command() -> str:
     Without a command, Prefect's process worker starts each run through a workspace supervisor: one more
     Python process per run (about 2.5 CPU-s of imports) and a new session. On Linux a new session is a
     new scheduling autogroup, which gets as much CPU as the Prefect server's whatever the worker's
-    niceness: under a burst of urgent runs the server then answered triggers in seconds, not 0.2 s.
+    niceness: under a burst of urgent runs the server then answered triggers in 2-8 s, not 0.3 s.
     With the command the run stays in the worker's session, at its niceness."""
     return shlex.join([sys.executable, "-m", "prefect.engine"])
 

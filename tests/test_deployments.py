@@ -287,7 +287,7 @@ def test_a_warm_worker_takes_an_urgent_encounter_to_submitted_and_a_ui_retry_red
             while True:  # the server records task runs' states from events, a moment after the flow run ends
                 task_runs = client.read_task_runs(
                     flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])), task_run_filter=TaskRunFilter())
-                if all(tr.state is not None and tr.state.is_final() for tr in task_runs):
+                if task_runs and all(tr.state is not None and tr.state.is_final() for tr in task_runs):
                     break
                 assert time.monotonic() < deadline, [(tr.name, tr.state) for tr in task_runs]
                 time.sleep(0.2)
