@@ -1,5 +1,5 @@
-"""Put retroauth on a Prefect server: the work pool and its queues, one concurrency limit per payer, and
-the deployments of deployments/prefect.yaml. Every step is idempotent: run it again and nothing changes
+"""Put retroauth on a Prefect server: the work pool and its queues, one concurrency limit per payer, the
+automation that marks unresponsive runs crashed, and the deployments of deployments/prefect.yaml. Every step is idempotent: run it again and nothing changes
 (or what the settings changed is updated in place).
 
     .venv/bin/python deployments/setup.py          # against PREFECT_API_URL (default http://127.0.0.1:4200/api)
@@ -34,6 +34,8 @@ from config.settings import Settings, daily_run_cron, load_settings  # noqa: E40
 class SetupReport:
     work_pool: str = ""
     queues: dict[str, int] = field(default_factory=dict)  # queue -> priority
+    queue_limits: dict[str, int] = field(default_factory=dict)  # queue -> runs at once (limited queues only)
+    automations: dict[str, str] = field(default_factory=dict)  # name -> what it does
     limits: dict[str, int] = field(default_factory=dict)  # limit name -> slots
     deployments: dict[str, str] = field(default_factory=dict)  # flow/deployment -> id
     skipped: dict[str, str] = field(default_factory=dict)  # deployment -> why
@@ -64,8 +66,9 @@ def engine_command() -> str:
 
 def deployment_specs(spec: dict[str, Any], settings: Settings, root: Path = ROOT) -> list[dict[str, Any]]:
     """The file's deployments with the facility's time zone on every schedule, the daily-run time from the
-    settings, the engine command (``engine_command``) and the results directory in each run's environment
-    (whoever started the worker)."""
+    settings, the engine command (``engine_command``), and in each run's environment (whoever started the
+    worker) the results directory and the heartbeat the unresponsive-run automation listens for."""
+    heartbeat = spec["retroauth"]["unresponsive_runs"]["heartbeat_seconds"]
     out = []
     for d in copy.deepcopy(spec["deployments"]):
         for schedule in d.get("schedules") or []:
@@ -77,6 +80,7 @@ def deployment_specs(spec: dict[str, Any], settings: Settings, root: Path = ROOT
         job.setdefault("command", engine_command())
         env = job.setdefault("env", {})
         env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results_dir(settings, root))
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(heartbeat)
         out.append(d)
     return out
 
@@ -95,7 +99,8 @@ def _schedules(d: dict[str, Any]) -> list[Any]:
 
 
 def ensure_work_pool(client: Any, pool: dict[str, Any], report: SetupReport) -> None:
-    """The process work pool and its queues, with their priorities (1 is served first)."""
+    """The process work pool and its queues, with their priorities (1 is served first) and limits (runs
+    of the queue at once over all workers; none: unlimited)."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
@@ -114,12 +119,58 @@ def ensure_work_pool(client: Any, pool: dict[str, Any], report: SetupReport) -> 
             existing = client.read_work_queue_by_name(q["name"], work_pool_name=pool["name"])
         except ObjectNotFound:
             client.create_work_queue(name=q["name"], description=q.get("description"), priority=q["priority"],
-                                     work_pool_name=pool["name"])
+                                     concurrency_limit=q.get("concurrency_limit"), work_pool_name=pool["name"])
         else:
-            if existing.priority != q["priority"] or existing.description != q.get("description"):
-                client.update_work_queue(existing.id, priority=q["priority"], description=q.get("description"))
+            wanted = {"priority": q["priority"], "description": q.get("description"),
+                      "concurrency_limit": q.get("concurrency_limit")}
+            if any(getattr(existing, k) != v for k, v in wanted.items()):
+                client.update_work_queue(existing.id, **wanted)
     for q in client.read_work_queues(work_pool_name=pool["name"]):
         report.queues[q.name] = q.priority
+        if q.concurrency_limit is not None:
+            report.queue_limits[q.name] = q.concurrency_limit
+
+
+def unresponsive_run_automation(name: str, crashed_after_seconds: float, tag: str = "retroauth") -> Any:
+    """Prefect's recipe for zombie runs: a run tagged ``tag`` that has sent a heartbeat and then neither
+    another one nor a final state within ``crashed_after_seconds`` is marked Crashed (a machine that died
+    takes its runs' processes with it; nobody else would ever end them)."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=name,
+        description="Marks a retroauth flow run Crashed when its heartbeats stop (deployments/prefect.yaml)",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"},
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=crashed_after_seconds)),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED, message=f"no heartbeat for {crashed_after_seconds:g} s: "
+                                             "its process or machine stopped")],
+    )
+
+
+def ensure_automation(client: Any, automation: Any, report: SetupReport) -> None:
+    """Create the automation, or bring the one of that name in line with it (one of that name, always)."""
+    found = client.read_automations_by_name(automation.name)
+    wanted = automation.model_dump(mode="json")
+    if not found:
+        client.create_automation(automation)
+    else:
+        for extra in found[1:]:
+            client.delete_automation(extra.id)
+        have = {k: v for k, v in found[0].model_dump(mode="json").items() if k in wanted}
+        if have != wanted:
+            client.update_automation(found[0].id, automation)
+    report.automations[automation.name] = automation.description
 
 
 def ensure_payer_limits(client: Any, prefix: str, payer_ids: list[str], limit: int, report: SetupReport) -> None:
@@ -167,6 +218,9 @@ def setup(settings: Settings | None = None, spec_path: Path = PREFECT_YAML, root
         ensure_work_pool(client, ours["work_pool"], report)
         ensure_payer_limits(client, ours["payer_api_limits"]["prefix"],
                             list(load_rule_library(settings.payer_rules_dir)), settings.payer_api_concurrency, report)
+        unresponsive = ours["unresponsive_runs"]
+        ensure_automation(client, unresponsive_run_automation(
+            unresponsive["name"], unresponsive["crashed_after_seconds"]), report)
     for d in deployment_specs(spec, settings, root):
         flow_file = root / d["entrypoint"].split(":", 1)[0]
         if not flow_file.is_file():
@@ -178,9 +232,12 @@ def setup(settings: Settings | None = None, spec_path: Path = PREFECT_YAML, root
 
 def main() -> None:
     report = setup()
-    print(f"work pool {report.work_pool}: queues " + ", ".join(f"{q} (priority {p})" for q, p in
-                                                              sorted(report.queues.items(), key=lambda kv: kv[1])))
+    print(f"work pool {report.work_pool}: queues " + ", ".join(
+        f"{q} (priority {p}" + (f", {report.queue_limits[q]} runs at once)" if q in report.queue_limits else ")")
+        for q, p in sorted(report.queues.items(), key=lambda kv: kv[1])))
     print(f"payer limits: {len(report.limits)} ({', '.join(sorted(report.limits))})")
+    for name, what in report.automations.items():
+        print(f"automation {name}: {what}")
     for name, dep_id in report.deployments.items():
         print(f"deployment {name}: {dep_id}")
     for name, why in report.skipped.items():

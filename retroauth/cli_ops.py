@@ -269,9 +269,12 @@ def _print_setup(report: Any) -> None:
     t = Table("what", "name", "detail", title="On the Prefect server")
     t.add_row("work pool", report.work_pool, "process")
     for q, p in sorted(report.queues.items(), key=lambda kv: kv[1]):
-        t.add_row("queue", q, f"priority {p}")
+        limit = report.queue_limits.get(q)
+        t.add_row("queue", q, f"priority {p}" + (f", {limit} runs at a time" if limit else ""))
     for name, limit in sorted(report.limits.items()):
         t.add_row("concurrency limit", name, f"{limit} at a time")
+    for name, what in report.automations.items():
+        t.add_row("automation", name, what)
     for name in report.deployments:
         t.add_row("deployment", name, "")
     for name, why in report.skipped.items():

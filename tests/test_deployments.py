@@ -24,6 +24,7 @@ from tests.factories import CHI, add_encounter
 
 SETUP = load_setup_module()
 NAMES = {"daily-run", "follow-ups", "urgent-case", "work-day"}
+UNRESPONSIVE = SETUP.load_spec()["retroauth"]["unresponsive_runs"]
 
 
 def test_prefect_yaml_parses_as_prefect_reads_it_and_names_the_deployments():
@@ -51,6 +52,9 @@ def test_prefect_yaml_parses_as_prefect_reads_it_and_names_the_deployments():
     pool = raw["retroauth"]["work_pool"]
     assert (pool["name"], pool["type"]) == ("retroauth", "process")
     assert {q["name"]: q["priority"] for q in pool["queues"]} == {"urgent": 1, "default": 10}
+    assert {q["name"]: q.get("concurrency_limit") for q in pool["queues"]} == {"urgent": 6, "default": None}
+    unresponsive = raw["retroauth"]["unresponsive_runs"]
+    assert 30 <= unresponsive["heartbeat_seconds"] <= unresponsive["crashed_after_seconds"] / 3  # 3+ missed
 
 
 def test_the_daily_time_and_zone_come_from_the_settings():
@@ -66,7 +70,9 @@ def _server_state() -> dict:
     from prefect.client.orchestration import get_client
     with get_client(sync_client=True) as client:
         pool = client.read_work_pool("retroauth")
-        queues = {q.name: q.priority for q in client.read_work_queues(work_pool_name="retroauth")}
+        queues = {q.name: (q.priority, q.concurrency_limit) for q in client.read_work_queues(work_pool_name="retroauth")}
+        automations = [a.model_dump(mode="json", exclude={"id", "created", "updated"})
+                       for a in client.read_automations_by_name(UNRESPONSIVE["name"])]
         limits = {lim.name: lim.limit for lim in client.read_global_concurrency_limits(limit=200)
                   if lim.name.startswith("payer-api-")}
         deployments = {}
@@ -80,7 +86,8 @@ def _server_state() -> dict:
                 enforce=d.enforce_parameter_schema, pull=d.pull_steps, job_variables=d.job_variables,
                 schedules=sorted((str(getattr(s.schedule, "cron", None) or s.schedule.interval),
                                   s.schedule.timezone, s.slug) for s in d.schedules))
-    return {"pool": (pool.name, pool.type), "queues": queues, "limits": limits, "deployments": deployments}
+    return {"pool": (pool.name, pool.type), "queues": queues, "limits": limits, "deployments": deployments,
+            "automations": automations}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +104,13 @@ def deployed(prefect_server, results_dir):
 def test_setup_creates_pool_queues_limits_and_deployments_and_is_idempotent(deployed, results_dir):
     report, first = deployed
     assert first["pool"] == ("retroauth", "process")
-    assert first["queues"] == {"urgent": 1, "default": 10}
+    assert first["queues"] == {"urgent": (1, 6), "default": (10, None)}
+    assert report.queue_limits == {"urgent": 6}
+    [automation] = first["automations"]
+    assert automation["enabled"] and automation["trigger"]["posture"] == "Proactive"
+    assert automation["trigger"]["within"] == UNRESPONSIVE["crashed_after_seconds"]
+    assert automation["actions"] == [{"type": "change-flow-run-state", "name": None, "state": "CRASHED",
+                                      "message": automation["actions"][0]["message"], "force": False}]
     payers = load_rule_library(load_settings().payer_rules_dir)
     assert first["limits"] == {f"payer-api-{p}": load_settings().payer_api_concurrency for p in payers}
     follow_ups_here = (ROOT / "flows" / "follow_ups.py").is_file()
@@ -112,11 +125,65 @@ def test_setup_creates_pool_queues_limits_and_deployments_and_is_idempotent(depl
     assert daily["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     for d in first["deployments"].values():  # every run keeps its results where every worker reads them
         assert d["job_variables"]["env"]["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] == str(results_dir)
+        # and sends the heartbeats the unresponsive-run automation listens for
+        assert d["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(UNRESPONSIVE["heartbeat_seconds"])
         # and is started as Prefect's engine on this interpreter, not through a workspace supervisor
         assert shlex.split(d["job_variables"]["command"]) == [sys.executable, "-m", "prefect.engine"]
 
     SETUP.setup(load_settings(results_dir=results_dir))  # again: the same pool, queues, limits, deployments, one schedule each
     assert _server_state() == first
+
+    # A queue limit changed in the file is changed in place, and back.
+    from prefect.client.orchestration import get_client
+    pool = SETUP.load_spec()["retroauth"]["work_pool"]
+    pool["queues"][0]["concurrency_limit"] = 2
+    with get_client(sync_client=True) as client:
+        SETUP.ensure_work_pool(client, pool, SETUP.SetupReport())
+    assert _server_state()["queues"]["urgent"] == (1, 2)
+    SETUP.setup(load_settings(results_dir=results_dir))
+    assert _server_state() == first
+
+
+def test_a_run_whose_heartbeats_stop_is_marked_crashed_the_others_are_left_alone(deployed):
+    """The unresponsive-run automation on the real server (its triggers service), with a 10 s window
+    instead of the file's minutes: three urgent runs send a heartbeat; one goes on sending them, one
+    completes, one falls silent (its machine died). Only the silent one is marked Crashed, which also
+    gives its slot of the urgent queue back (the queue counts Pending and Running runs only)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Completed, Running
+
+    def heartbeat(run_id) -> None:  # as the flow engine sends it: the run, its tags as related resources
+        emit_event(event="prefect.flow-run.heartbeat", resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"},
+                   related=[{"prefect.resource.id": "prefect.tag.retroauth", "prefect.resource.role": "tag"}])
+
+    automation = SETUP.unresponsive_run_automation("test: unresponsive after 10 s", 10)
+    with get_client(sync_client=True) as client:
+        SETUP.ensure_automation(client, automation, SETUP.SetupReport())
+        deployment = client.read_deployment_by_name(URGENT_DEPLOYMENT)
+        runs = {k: client.create_flow_run_from_deployment(deployment.id, parameters={"encounter_id": i + 1})
+                for i, k in enumerate(("silent", "alive", "done"))}
+        try:
+            for r in runs.values():
+                client.set_flow_run_state(r.id, Running(), force=True)
+                heartbeat(r.id)
+            EventsWorker.drain_all()
+            client.set_flow_run_state(runs["done"].id, Completed(), force=True)
+            deadline = time.monotonic() + 60
+            while client.read_flow_run(runs["silent"].id).state.type.value != "CRASHED":
+                assert time.monotonic() < deadline, "the silent run was never marked Crashed"
+                heartbeat(runs["alive"].id)
+                EventsWorker.drain_all()
+                time.sleep(2)
+            silent = client.read_flow_run(runs["silent"].id).state
+            assert "no heartbeat for 10 s" in silent.message
+            assert client.read_flow_run(runs["alive"].id).state.type.value == "RUNNING"
+            assert client.read_flow_run(runs["done"].id).state.type.value == "COMPLETED"
+        finally:  # no run of this test holds a slot of the urgent queue afterwards
+            client.set_flow_run_state(runs["alive"].id, Completed(), force=True)
+            for a in client.read_automations_by_name(automation.name):
+                client.delete_automation(a.id)
 
 
 def test_enforced_parameter_schema_refuses_a_patient_name_for_an_id(deployed):
