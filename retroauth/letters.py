@@ -35,8 +35,9 @@ import json
 import threading
 import traceback
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -72,6 +73,9 @@ DEFAULT_PREFIX = "default"  # "default/base.html.j2": the shared template, even 
 Kind = Literal["request", "appeal"]
 Format = Literal["pdf", "html"]
 APPEAL_LEVELS = (1, 2, 3)
+# Letters stored and recorded per transaction while the next ones are typeset: small enough that the last
+# chunk's writes (which nothing overlaps) are short, big enough that a transaction's fixed cost is spread.
+WRITE_CHUNK = 16
 
 # --- words for codes (what a reviewer reads next to the code) -------------------------------------
 
@@ -1063,14 +1067,21 @@ def render_all(templates: LetterTemplates, jobs: Sequence[tuple[LetterData, date
     Typst releases the GIL while it typesets, so threads use every core without the start-up and
     pickling of processes (``benchmarks/letters.py`` measures both; processes are spawned, not
     forked, since a flow run has threads of its own)."""
+    with ExitStack() as stack:
+        return list(_rendered_in_order(stack, templates, jobs, workers, executor))
+
+
+def _rendered_in_order(stack: ExitStack, templates: LetterTemplates, jobs: Sequence[tuple[LetterData, date]],
+                       workers: int, executor: Literal["thread", "process"]) -> Iterator[RenderedLetter | str]:
+    """``render_all`` one letter at a time, in the jobs' order, as each is done (the pool lives on ``stack``)."""
     if workers <= 1 or len(jobs) < 2:
-        return [_render_with(templates, d, day) for d, day in jobs]
+        return (_render_with(templates, d, day) for d, day in jobs)
     if executor == "process":
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as procs:
-            return list(procs.map(_render_in_process, [str(templates.root)] * len(jobs), [d for d, _ in jobs],
-                                  [day for _, day in jobs], chunksize=max(1, len(jobs) // (workers * 4))))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="letters") as threads:
-        return list(threads.map(lambda job: _render_with(templates, *job), jobs))
+        procs = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")))
+        return procs.map(_render_in_process, [str(templates.root)] * len(jobs), [d for d, _ in jobs],
+                         [day for _, day in jobs], chunksize=max(1, len(jobs) // (workers * 4)))
+    threads = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="letters"))
+    return threads.map(lambda job: _render_with(templates, *job), jobs)
 
 
 def _existing(session: Session, case_ids: Sequence[int]) -> tuple[dict[tuple, Letter], dict[tuple, int]]:
@@ -1140,7 +1151,9 @@ def render_letters(
         existing, _ = _existing(s, [r.case_id for r in plan])
     result.failed.update(failed)
 
-    # 2. Render what is new (no lock held meanwhile).
+    # 2. Render what is new (no lock held meanwhile), and 3. store and record the letters a chunk at a
+    # time, each chunk in one transaction, in a writer thread: chunk k waits on storage and the database
+    # while chunk k+1 is typeset (the cores would idle through those waits otherwise).
     todo: list[tuple[LetterRequest, LetterData, str, str]] = []
     for req, d in data.items():
         try:
@@ -1150,20 +1163,45 @@ def render_letters(
             continue
         todo.append((req, d, resolved.template_hash, d.data_hash()))
     fresh = [(req, d) for req, d, th, dh in todo if (req.case_id, req.kind, req.appeal_level, dh, th) not in existing]
-    outputs = render_all(templates, [(d, letter_date) for _, d in fresh], workers=workers, executor=executor)
-    rendered: dict[LetterRequest, RenderedLetter] = {}
-    for (req, _), out in zip(fresh, outputs):
-        if isinstance(out, str):
-            result.failed[req.case_id] = out
-        else:
-            rendered[req] = out
-
-    # 3. Write: store, record, move; one transaction (the cases' rows are locked against a concurrent run).
-    keep = [(req, th, dh) for req, _, th, dh in todo if req.case_id not in result.failed]
-    if not keep:
+    new = {req for req, _ in fresh}
+    with ExitStack() as stack:
+        outputs = _rendered_in_order(stack, templates, [(d, letter_date) for _, d in fresh], workers, executor)
+        stack.callback(outputs.close)  # on a failure, letters not started yet are not typeset for nothing
+        writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="letters-write"))
+        written: list[Future[RenderResult]] = []
+        chunk: list[tuple[LetterRequest, str, str, RenderedLetter | None]] = []
+        for n, (req, _, th, dh) in enumerate(todo, 1):
+            out = next(outputs) if req in new else None  # None: stored already
+            if isinstance(out, str):
+                result.failed[req.case_id] = out
+            else:
+                chunk.append((req, th, dh, out))
+            if chunk and (len(chunk) == WRITE_CHUNK or n == len(todo)):
+                if any(f.done() and f.exception() for f in written):
+                    break  # storage or the database failed: stop typesetting, raise it below
+                written.append(writer.submit(_store_and_record, engine, storage, actor, chunk))
+                chunk = []
+        for f in written:
+            part = f.result()  # the first failure is raised; the chunks before it stay recorded
+            result.rendered += part.rendered
+            result.unchanged += part.unchanged
+            result.moved += part.moved
+            result.letters.update(part.letters)
+            result.failed.update(part.failed)
+    if not written:
         return result
+    failpoints.hit("render.after_batch")
+    return result
+
+
+def _store_and_record(engine: sa.Engine, storage: Storage, actor: Actor,
+                      keep: Sequence[tuple[LetterRequest, str, str, RenderedLetter | None]]) -> RenderResult:
+    """Store the new letters of ``keep`` (request, template hash, data hash, the letter or None when it was
+    stored already) and record them and the moves of ready cases, in one transaction (the cases' rows are
+    locked against a concurrent run)."""
+    result = RenderResult()
     with session_scope(engine) as s:
-        ids = sorted({req.case_id for req, _, _ in keep})
+        ids = sorted({req.case_id for req, *_ in keep})
         statuses: dict[int, str] = {}
         for chunk in _chunks(ids):
             statuses.update(s.execute(
@@ -1172,12 +1210,11 @@ def render_letters(
         existing, last = _existing(s, ids)  # again, under the lock: a concurrent run may have stored some
         letters: dict[LetterRequest, tuple[Letter, bool]] = {}
         objects: list[tuple[str, bytes, str]] = []
-        for req, th, dh in keep:
+        for req, th, dh, out in keep:
             ident = (req.case_id, req.kind, req.appeal_level, dh, th)
             if ident in existing:
                 letters[req] = (existing[ident], False)
                 continue
-            out = rendered.get(req)
             if out is None:  # listed as stored when we read, gone now: letters are never deleted
                 result.failed[req.case_id] = "letter_changed_concurrently"
                 continue
@@ -1206,7 +1243,6 @@ def render_letters(
             else:
                 result.unchanged += 1
         result.moved = len(moved)
-    failpoints.hit("render.after_batch")
     return result
 
 

@@ -29,7 +29,8 @@ from retroauth.models import (
     PayerResponse, RetroCase, ServiceLine, Submission,
 )
 from retroauth.rules import load_rule_library
-from retroauth.storage import LocalStorage
+from retroauth import letters as letters_module
+from retroauth.storage import LocalStorage, StorageError
 from retroauth.typeset import TypesetError, to_document
 from retroauth.vocab import DELAY_REASON_CODES, CaseStatus, MissReason
 from tests.conftest import table_counts
@@ -373,6 +374,45 @@ def test_rendering_unchanged_inputs_again_writes_nothing(engine, storage):
         assert s.get(RetroCase, case_id).status == CaseStatus.LETTER_RENDERED
         events = s.exec(select(CaseEvent.event).where(CaseEvent.case_id == case_id).order_by(CaseEvent.id)).all()
     assert events == ["transition", "letter_rendered"]
+
+
+class FailingAfter(CountingStorage):
+    """Storage that refuses every put after the first ``ok`` ones (a bucket that went away mid-batch)."""
+
+    def __init__(self, root, ok):
+        super().__init__(root)
+        self.ok = ok
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        if self.puts >= self.ok:
+            raise StorageError(f"cannot write {key}: service unavailable")
+        return super().put(key, data, content_type)
+
+
+def test_a_storage_failure_in_a_later_chunk_keeps_the_chunks_before_and_a_rerun_finishes(engine, tmp_path, monkeypatch):
+    """A batch is stored and recorded WRITE_CHUNK letters per transaction while the next are typeset. When
+    storage fails in the second chunk, the error is raised, the first chunk stays recorded (each of its
+    rows pointing at its objects), nothing of the failed chunk is recorded, and a rerun writes the rest once."""
+    monkeypatch.setattr(letters_module, "WRITE_CHUNK", 3)
+    ids = [make_case(engine, n=n) for n in range(1, 8)]
+    failing = FailingAfter(tmp_path / "storage", ok=6 + 1)  # chunk 1 (3 letters, 6 objects), then one more put
+    with pytest.raises(StorageError):
+        render(engine, failing, ids, workers=2)
+    with session_scope(engine) as s:
+        first = s.exec(select(Letter).order_by(Letter.case_id)).all()
+        statuses = {i: s.get(RetroCase, i).status for i in ids}
+    assert [letter.case_id for letter in first] == ids[:3]
+    for letter in first:
+        assert failing.get(letter.pdf_key, sha256=letter.pdf_sha256)
+    assert [statuses[i] for i in ids] == [CaseStatus.LETTER_RENDERED] * 3 + [CaseStatus.READY] * 4
+
+    storage = CountingStorage(tmp_path / "storage")
+    again = render(engine, storage, ids, workers=2)
+    assert (again.rendered, again.unchanged, again.moved, again.failed) == (4, 3, 4, {})
+    assert storage.puts == 8  # the four letters not recorded before, two objects each: no letter twice
+    with session_scope(engine) as s:
+        assert s.execute(sa.select(sa.func.count()).select_from(Letter)).scalar_one() == 7
+        assert {s.get(RetroCase, i).status for i in ids} == {CaseStatus.LETTER_RENDERED}
 
 
 def test_identical_inputs_give_identical_pdf_bytes():
