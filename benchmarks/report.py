@@ -113,8 +113,8 @@ def summary_rows(docs: dict[str, dict]) -> list[str]:
         rows.append(f"| {r['triggers']} urgent triggers within {r['within_seconds']:g} s | {r['completed']} of "
                     f"{r['triggers']} submitted; p50 {_f(lat['p50'])} s, p95 {_f(lat['p95'])} s "
                     f"trigger -> submitted; {_f(r['throughput_per_minute'], 2)}/min; server not OK in "
-                    f"{r['health']['not_ok']} of {r['health']['polls']} health polls; triggering took "
-                    f"{r['triggering_took_seconds']:.0f} s | all triggered within {r['within_seconds']:g} s, each "
+                    f"{r['health']['not_ok']} of {r['health']['polls']} health polls; the last trigger call returned after "
+                    f"{r['triggering_took_seconds']:.1f} s | all triggered within {r['within_seconds']:g} s, each "
                     f"processed exactly once, server healthy | "
                     f"{_met(bool(checks) and all(checks.values()))}: no duplicate {'yes' if dup_free else 'NO'}, all "
                     f"processed {'yes' if r['all_completed'] else 'NO'}, healthy "
@@ -290,13 +290,13 @@ def load_section(doc: dict) -> list[str]:
            f"{r['deadline_seconds']:.0f} s after the first trigger.", "",
            f"- **{r['completed']} of {r['triggers']} submitted** "
            f"({'all' if r['all_completed'] else 'not all'} within the wait of {r['waited_seconds']:.0f} s); "
-           f"the triggers took {r['triggering_took_seconds']:.0f} s (each call: median {_f(r['trigger_call_ms']['p50'], 0)} "
+           f"the triggers took {r['triggering_took_seconds']:.1f} s (each call: median {_f(r['trigger_call_ms']['p50'], 0)} "
            f"ms, max {_f(r['trigger_call_ms']['max'], 0)} ms), {r['trigger_errors']} failed.",
            *([f"- **Not all cases were submitted: {r['triggers'] - r['completed']} of {r['triggers']} were still "
                f"waiting when the benchmark stopped waiting ({r['deadline_seconds']:.0f} s after the first trigger). "
                "The latencies below cover only the completed ones: the slowest are missing, so the true p50 and "
                "p95 over all of them are higher.**"] if not r["all_completed"] else []),
-           *([f"- **The triggers themselves took {r['triggering_took_seconds']:.0f} s, not {r['within_seconds']:g} s:** "
+           *([f"- **The triggers themselves took {r['triggering_took_seconds']:.1f} s, not {r['within_seconds']:g} s:** "
                "each `run_deployment` call waited for the server (see the call times), so the load the server saw "
                "was spread over a longer time than asked."]
              if r["triggering_took_seconds"] > r["within_seconds"] + 1 else []),
