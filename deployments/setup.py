@@ -1,6 +1,7 @@
 """Put retroauth on a Prefect server: the work pool and its queues, one concurrency limit per payer, the
-automation that marks unresponsive runs crashed, and the deployments of deployments/prefect.yaml. Every step is idempotent: run it again and nothing changes
-(or what the settings changed is updated in place).
+automation that marks unresponsive runs crashed, and the deployments of deployments/prefect.yaml. Every
+step is idempotent: run it again and nothing changes (or what the settings or the file changed is
+updated in place).
 
     .venv/bin/python deployments/setup.py          # against PREFECT_API_URL (default http://127.0.0.1:4200/api)
 
