@@ -7,13 +7,17 @@ What it does, in one run on a fresh database (SQLite in a temp dir unless --data
 
 1. Generates N ready cases straight into the database (1-4 services, 1-3 diagnoses, a packet manifest,
    the five reasons in turn, several payers including one with template overrides).
-2. Bare Typst: the documents (the JSON the product hands Typst) of N other cases drawn alike,
-   compiled with the same number of threads, nothing else. (Other cases: Typst memoizes within a
-   process, so compiling the product's own documents again would flatter the bare engine.)
+2. Bare Typst on the same documents: the JSON the product hands Typst for the very letters it renders,
+   compiled with the same number of threads in a separate, warmed-up process, nothing else. (A separate
+   process: Typst memoizes within a process, so compiling the same documents in the product's process
+   would flatter whichever side runs second. Alike documents of other cases are no substitute: on the
+   default seed the product's cases alone cost 1-7% more or less Typst time than another 200 drawn alike.)
+   Also bare Typst on N other cases drawn alike, in this process, as before.
 3. Product, PDF: ``render_letters`` on the whole batch, timed end to end: the set-based load, Jinja2
    HTML, HTML -> Typst document, Typst PDF, hashes, storage writes, the letters rows, the state
    changes and audit events. Then the same batch again (all unchanged: nothing is written).
-   Overhead = product time / bare time, in wall-clock and in CPU seconds (target <= 1.2).
+   Overhead = product time / bare time on the same documents, in wall-clock and in CPU seconds
+   (target <= 1.2).
 4. Product, HTML: the batch path's HTML half (load + Jinja2 + data hash) against bare Jinja2 rendering
    the same templates with the same contexts.
 5. Threads against processes (spawn) for the render step, and a determinism check (same input, same bytes).
@@ -156,6 +160,46 @@ def bare_typst(docs: list[dict], templates, workers: int) -> float:
     return time.perf_counter() - t
 
 
+# Bare Typst in a process of its own: reads a JSON list of documents per line, compiles them on the given
+# threads, answers [wall seconds, CPU seconds of this process] per line.
+BARE_PROCESS = r"""
+import json, resource, sys, time
+from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, sys.argv[1])
+from retroauth.letters import letter_templates
+ts, workers = letter_templates().typesetter(None), int(sys.argv[2])
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+for line in sys.stdin:
+    docs = json.loads(line)
+    c, t = cpu(), time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(ts.pdf_from_document, docs))
+    print(json.dumps([time.perf_counter() - t, cpu() - c]), flush=True)
+"""
+
+
+class BareProcess:
+    """Bare Typst on the product's own documents, without sharing the product process's memo."""
+
+    def __init__(self, workers: int):
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, "-c", BARE_PROCESS, str(ROOT), str(workers)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def compile(self, docs: list[dict]) -> tuple[float, float]:
+        self.proc.stdin.write(json.dumps(docs) + "\n")
+        self.proc.stdin.flush()
+        wall, cpu = json.loads(self.proc.stdout.readline())
+        return wall, cpu
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def html_to_pdf(htmls: list[tuple[str, str]], templates, workers: int) -> None:
     """The HTML -> PDF engine alone (``Typesetter.pdf``: HTML -> Typst document -> Typst), as WeasyPrint would be."""
     from concurrent.futures import ThreadPoolExecutor
@@ -205,14 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     render_all(templates, [(d, day) for d in warm.values()], workers=w)
     bare_docs = [to_document(templates.render_html(d, day)) for d in bare_data.values()]
     engine_htmls = [(d.payer.id, templates.render_html(d, day)) for d in engine_data.values()]
+    with session_scope(engine) as s:  # the documents the product will hand Typst, in its order
+        product_data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in ids])
+    same_docs = [to_document(templates.render_html(product_data[LetterRequest(i)], day)) for i in ids]
+    bare_same = BareProcess(w)
+    bare_same.compile([to_document(templates.render_html(d, day)) for d in warm.values()])  # fonts, first compile
 
     # Bare Typst on its set and the product on the other, alternating in rounds: a shared machine's load
     # drifts, and alternating spreads the drift over both sides.
     rounds = max(1, min(args.rounds, n // 10))
-    t_bare = cpu_bare = t_product = cpu_product = t_engine = cpu_engine = 0.0
+    t_bare = cpu_bare = t_product = cpu_product = t_engine = cpu_engine = t_same = cpu_same = 0.0
     rendered = 0
     for r in range(rounds):
         part = slice(r * n // rounds, (r + 1) * n // rounds)
+        t, c = bare_same.compile(same_docs[part])
+        t_same, cpu_same = t_same + t, cpu_same + c
         _, t = timed(bare_typst, bare_docs[part], templates, w)
         t_bare, cpu_bare = t_bare + t, cpu_bare + LAST_CPU
         _, t = timed(html_to_pdf, engine_htmls[part], templates, w)
@@ -223,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         assert not result.failed, result.failed
         rendered += result.rendered
     assert rendered == n
-    rows.append(("bare Typst, same kind of documents", n, t_bare, cpu_bare, f"{w} threads, {rounds} rounds"))
+    bare_same.close()  # outside any timed call: its CPU joins this process's children's when it ends
+    rows.append(("bare Typst, the same documents", n, t_same, cpu_same, f"{w} threads, {rounds} rounds, own process"))
+    rows.append(("bare Typst, other documents drawn alike", n, t_bare, cpu_bare, f"{w} threads, {rounds} rounds"))
     rows.append(("HTML -> PDF engine (convert + Typst)", n, t_engine, cpu_engine, f"{w} threads, {rounds} rounds"))
     rows.append(("product batch: HTML + PDF, stored, recorded", n, t_product, cpu_product,
                  f"{w} threads, batches of {n // rounds}"))
@@ -311,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu_rate = f"{count / cpu:9.1f}" if cpu else f"{'-':>9s}"
         print(f"{what:46s} {count:7d} {secs:7.2f} {rate} {cpu:7.2f} {cpu_rate}  {note}")
     rate_product = n / t_product
-    print(f"\nPDF overhead, product batch vs bare Typst on alike documents ({w} threads): "
-          f"wall {t_product / t_bare:.2f}x, CPU {cpu_product / cpu_bare:.2f}x (target <= 1.2x)")
+    print(f"\nPDF overhead, product batch vs bare Typst on the same documents ({w} threads): "
+          f"wall {t_product / t_same:.2f}x, CPU {cpu_product / cpu_same:.2f}x (target <= 1.2x)")
+    print(f"PDF overhead, product batch vs bare Typst on other documents drawn alike: "
+          f"wall {t_product / t_bare:.2f}x, CPU {cpu_product / cpu_bare:.2f}x")
     print(f"PDF overhead, product batch vs the HTML -> PDF engine alone: "
           f"wall {t_product / t_engine:.2f}x, CPU {cpu_product / cpu_engine:.2f}x")
     print(f"HTML overhead, product HTML half vs bare Jinja2: wall {t_html / t_jinja:.2f}x, CPU {cpu_html / cpu_jinja:.2f}x")
@@ -326,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [{"what": what, "letters": count, "wall_seconds": round(secs, 3), "cpu_seconds": round(cpu, 3),
                   "per_second": round(count / secs, 2) if secs else None, "notes": note}
                  for what, count, secs, cpu, note in rows],
-        "pdf_overhead_vs_bare_typst": {"wall": round(t_product / t_bare, 3), "cpu": round(cpu_product / cpu_bare, 3)},
+        "pdf_overhead_vs_bare_typst": {"wall": round(t_product / t_same, 3), "cpu": round(cpu_product / cpu_same, 3)},
+        "pdf_overhead_vs_bare_typst_alike_documents": {"wall": round(t_product / t_bare, 3),
+                                                       "cpu": round(cpu_product / cpu_bare, 3)},
         "pdf_overhead_vs_html_to_pdf_engine": {"wall": round(t_product / t_engine, 3),
                                                "cpu": round(cpu_product / cpu_engine, 3)},
         "html_overhead_vs_bare_jinja2": {"wall": round(t_html / t_jinja, 3), "cpu": round(cpu_html / cpu_jinja, 3)},
