@@ -132,22 +132,10 @@ def ensure_work_pool(client: Any, pool: dict[str, Any], report: SetupReport) -> 
             report.queue_limits[q.name] = q.concurrency_limit
 
 
-# A run in one of these is alive only while something moves it on: a heartbeat from its process, or the
-# worker starting it (Pending) or stopping it (Cancelling). Each counts against its queue's limit.
-_WATCH = {"prefect.flow-run.heartbeat", "prefect.flow-run.Pending", "prefect.flow-run.Cancelling"}
-# What shows it is alive or no longer holds a slot: the next heartbeat, running, back to waiting, a final state.
-_ALIVE_OR_DONE = {"prefect.flow-run.heartbeat", "prefect.flow-run.Running", "prefect.flow-run.Scheduled",
-                  "prefect.flow-run.AwaitingConcurrencySlot", "prefect.flow-run.AwaitingRetry",
-                  "prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                  "prefect.flow-run.Crashed"}
-
-
 def unresponsive_run_automation(name: str, crashed_after_seconds: float, tag: str = "retroauth") -> Any:
-    """Prefect's recipe for zombie runs, widened: a run tagged ``tag`` that has sent a heartbeat (or was
-    marked Pending or Cancelling by a worker) and then neither sends another nor moves on within
-    ``crashed_after_seconds`` is marked Crashed. A machine that died takes its runs' processes (and its
-    worker) with it, and nobody else would ever end them; Pending covers a worker that died between taking
-    a run and starting its process, Cancelling one that died while stopping it."""
+    """Prefect's recipe for zombie runs: a run tagged ``tag`` that has sent a heartbeat and then neither
+    another one nor a final state within ``crashed_after_seconds`` is marked Crashed (a machine that died
+    takes its runs' processes with it; nobody else would ever end them)."""
     from datetime import timedelta
 
     from prefect.client.schemas.objects import StateType
@@ -158,14 +146,16 @@ def unresponsive_run_automation(name: str, crashed_after_seconds: float, tag: st
         name=name,
         description="Marks a retroauth flow run Crashed when its heartbeats stop (deployments/prefect.yaml)",
         trigger=EventTrigger(
-            after=_WATCH, expect=_ALIVE_OR_DONE,
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"},
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
             within=timedelta(seconds=crashed_after_seconds)),
         actions=[ChangeFlowRunState(
-            state=StateType.CRASHED, message=f"no heartbeat or progress for {crashed_after_seconds:g} s: "
-                                             "its process, worker or machine stopped")],
+            state=StateType.CRASHED, message=f"no heartbeat for {crashed_after_seconds:g} s: "
+                                             "its process or machine stopped")],
     )
 
 

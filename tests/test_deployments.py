@@ -147,13 +147,12 @@ def test_setup_creates_pool_queues_limits_and_deployments_and_is_idempotent(depl
 def test_a_run_whose_heartbeats_stop_is_marked_crashed_the_others_are_left_alone(deployed):
     """The unresponsive-run automation on the real server (its triggers service), with a 10 s window
     instead of the file's minutes: three urgent runs send a heartbeat; one goes on sending them, one
-    completes, one falls silent (its machine died); a fourth is left Pending (its worker died before
-    starting it). Only the silent and the pending one are marked Crashed, which also gives their slots of
-    the urgent queue back (the queue counts Pending, Running and Cancelling runs)."""
+    completes, one falls silent (its machine died). Only the silent one is marked Crashed, which also
+    gives its slot of the urgent queue back (the queue counts Pending and Running runs only)."""
     from prefect.client.orchestration import get_client
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
-    from prefect.states import Completed, Pending, Running
+    from prefect.states import Completed, Running
 
     def heartbeat(run_id) -> None:  # as the flow engine sends it: the run, its tags as related resources
         emit_event(event="prefect.flow-run.heartbeat", resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"},
@@ -164,24 +163,21 @@ def test_a_run_whose_heartbeats_stop_is_marked_crashed_the_others_are_left_alone
         SETUP.ensure_automation(client, automation, SETUP.SetupReport())
         deployment = client.read_deployment_by_name(URGENT_DEPLOYMENT)
         runs = {k: client.create_flow_run_from_deployment(deployment.id, parameters={"encounter_id": i + 1})
-                for i, k in enumerate(("silent", "alive", "done", "pending"))}
+                for i, k in enumerate(("silent", "alive", "done"))}
         try:
-            for k, r in runs.items():
-                if k == "pending":
-                    client.set_flow_run_state(r.id, Pending(), force=True)
-                    continue
+            for r in runs.values():
                 client.set_flow_run_state(r.id, Running(), force=True)
                 heartbeat(r.id)
             EventsWorker.drain_all()
             client.set_flow_run_state(runs["done"].id, Completed(), force=True)
             deadline = time.monotonic() + 60
-            while {client.read_flow_run(runs[k].id).state.type.value for k in ("silent", "pending")} != {"CRASHED"}:
-                assert time.monotonic() < deadline, "the silent or the pending run was never marked Crashed"
+            while client.read_flow_run(runs["silent"].id).state.type.value != "CRASHED":
+                assert time.monotonic() < deadline, "the silent run was never marked Crashed"
                 heartbeat(runs["alive"].id)
                 EventsWorker.drain_all()
                 time.sleep(2)
-            for k in ("silent", "pending"):
-                assert "no heartbeat or progress for 10 s" in client.read_flow_run(runs[k].id).state.message
+            silent = client.read_flow_run(runs["silent"].id).state
+            assert "no heartbeat for 10 s" in silent.message
             assert client.read_flow_run(runs["alive"].id).state.type.value == "RUNNING"
             assert client.read_flow_run(runs["done"].id).state.type.value == "COMPLETED"
         finally:  # no run of this test holds a slot of the urgent queue afterwards
