@@ -160,23 +160,18 @@ def bare_typst(docs: list[dict], templates, workers: int) -> float:
     return time.perf_counter() - t
 
 
-# Bare Typst in a process of its own: reads a JSON list of documents per line, compiles them on the given
-# threads, answers [wall seconds, CPU seconds of this process] per line.
+# Bare Typst in a process of its own (``bare_typst`` there): reads a JSON list of documents per line,
+# answers [wall seconds, CPU seconds of that process] per line.
 BARE_PROCESS = r"""
-import json, resource, sys, time
-from concurrent.futures import ThreadPoolExecutor
+import json, sys
 sys.path.insert(0, sys.argv[1])
+from benchmarks.letters import _cpu, bare_typst
 from retroauth.letters import letter_templates
-ts, workers = letter_templates().typesetter(None), int(sys.argv[2])
-def cpu():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+templates, workers = letter_templates(), int(sys.argv[2])
 for line in sys.stdin:
-    docs = json.loads(line)
-    c, t = cpu(), time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(ts.pdf_from_document, docs))
-    print(json.dumps([time.perf_counter() - t, cpu() - c]), flush=True)
+    c = _cpu()
+    wall = bare_typst(json.loads(line), templates, workers)
+    print(json.dumps([wall, _cpu() - c]), flush=True)
 """
 
 

@@ -1182,7 +1182,7 @@ def render_letters(
                 written.append(writer.submit(_store_and_record, engine, storage, actor, chunk))
                 chunk = []
         for f in written:
-            part = f.result()  # the first failure is raised; the chunks before it stay recorded
+            part = f.result()  # the first failure is raised; every chunk whose transaction ended stays recorded
             result.rendered += part.rendered
             result.unchanged += part.unchanged
             result.moved += part.moved
