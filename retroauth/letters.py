@@ -61,7 +61,7 @@ from retroauth.models import (
     RetroCase, ServiceLine, Submission, utcnow,
 )
 from retroauth.rules import PayerRules, RuleLibrary
-from retroauth.storage import Storage, key, sha256_hex
+from retroauth.storage import LocalStorage, Storage, key, sha256_hex
 from retroauth.typeset import CONVERTER_VERSION, ENGINE, Typesetter, TypesetError, sha256_file, to_document
 from retroauth.vocab import DELAY_REASON_CODES, CaseStatus, MissReason
 
@@ -1096,14 +1096,14 @@ def _existing(session: Session, case_ids: Sequence[int]) -> tuple[dict[tuple, Le
     return found, last
 
 
-def _put_all(storage: Storage, objects: Sequence[tuple[str, bytes, str]], threads: int = 8) -> None:
-    if len(objects) <= 2:
+def _put_all(storage: Storage, objects: Sequence[tuple[str, bytes, str]], pool: ThreadPoolExecutor | None) -> None:
+    """Store ``objects`` (key, bytes, media type); on ``pool`` when there is one (network storage)."""
+    if pool is None or len(objects) <= 2:
         for k, body, media in objects:
             storage.put(k, body, content_type=media)
         return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="letters-put") as pool:
-        for f in [pool.submit(storage.put, k, body, content_type=media) for k, body, media in objects]:
-            f.result()
+    for f in [pool.submit(storage.put, k, body, content_type=media) for k, body, media in objects]:
+        f.result()
 
 
 def _details(letter: Letter) -> dict[str, Any]:
@@ -1167,6 +1167,12 @@ def render_letters(
     with ExitStack() as stack:
         outputs = _rendered_in_order(stack, templates, [(d, letter_date) for _, d in fresh], workers, executor)
         stack.callback(outputs.close)  # on a failure, letters not started yet are not typeset for nothing
+        # Local files are written one after another by the writer: a put waits on its own fsync, and a pool
+        # of threads cost more CPU (started per chunk, handing the GIL around) than the typesetting could
+        # spare. S3 puts wait on the network: 8 at a time, on one pool for the batch. (Entered before the
+        # writer, so that the writer has finished with it when it shuts down.)
+        puts = None if isinstance(storage, LocalStorage) else stack.enter_context(
+            ThreadPoolExecutor(max_workers=8, thread_name_prefix="letters-put"))
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="letters-write"))
         written: list[Future[RenderResult]] = []
         chunk: list[tuple[LetterRequest, str, str, RenderedLetter | None]] = []
@@ -1179,7 +1185,7 @@ def render_letters(
             if chunk and (len(chunk) == WRITE_CHUNK or n == len(todo)):
                 if any(f.done() and f.exception() for f in written):
                     break  # storage or the database failed: stop typesetting, raise it below
-                written.append(writer.submit(_store_and_record, engine, storage, actor, chunk))
+                written.append(writer.submit(_store_and_record, engine, storage, actor, chunk, puts))
                 chunk = []
         for f in written:
             part = f.result()  # the first failure is raised; every chunk whose transaction ended stays recorded
@@ -1195,7 +1201,8 @@ def render_letters(
 
 
 def _store_and_record(engine: sa.Engine, storage: Storage, actor: Actor,
-                      keep: Sequence[tuple[LetterRequest, str, str, RenderedLetter | None]]) -> RenderResult:
+                      keep: Sequence[tuple[LetterRequest, str, str, RenderedLetter | None]],
+                      puts: ThreadPoolExecutor | None = None) -> RenderResult:
     """Store the new letters of ``keep`` (request, template hash, data hash, the letter or None when it was
     stored already) and record them and the moves of ready cases, in one transaction (the cases' rows are
     locked against a concurrent run)."""
@@ -1224,9 +1231,9 @@ def _store_and_record(engine: sa.Engine, storage: Storage, actor: Actor,
             letters[req] = (Letter(case_id=req.case_id, kind=req.kind, appeal_level=req.appeal_level, version=version,
                                    template_name=out.template_name, template_hash=th, data_hash=dh, html_key=html_key,
                                    pdf_key=pdf_key, pdf_sha256=sha256_hex(out.pdf), created_at=utcnow()), True)
-        # Objects first (a row never points at nothing), in parallel: local writes wait on fsync, S3 on
-        # the network. A failure rolls the rows back; the orphaned objects are rewritten by the retry.
-        _put_all(storage, objects)
+        # Objects first (a row never points at nothing). A failure rolls the rows back; the orphaned objects
+        # are rewritten by the retry.
+        _put_all(storage, objects, puts)
         s.add_all([letter for letter, new in letters.values() if new])
         s.flush()
         ready = [req.case_id for req, _ in letters.items()

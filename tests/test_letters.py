@@ -415,6 +415,31 @@ def test_a_storage_failure_in_a_later_chunk_keeps_the_chunks_before_and_a_rerun_
         assert {s.get(RetroCase, i).status for i in ids} == {CaseStatus.LETTER_RENDERED}
 
 
+def test_a_batch_stored_on_s3_puts_each_object_once_and_a_rerun_writes_nothing(engine, s3_bucket, s3_server, monkeypatch):
+    """S3 puts go out several at a time on the batch's pool (local files one after another): every letter of
+    a batch spanning chunks is stored on the real S3 endpoint, its rows point at objects with the recorded
+    checksum, and a rerun reads the rows and puts nothing."""
+    from retroauth.s3 import S3Storage
+    from tests.faults import CountingStorage as Counting
+
+    monkeypatch.setattr(letters_module, "WRITE_CHUNK", 3)
+    ids = [make_case(engine, reason, n=n) for n, reason in enumerate(
+        ["system_issue"] + ["emergency", "administrative_error", "retroactive_eligibility",
+                           "delayed_insurance_verification"] * 2 + ["emergency"], 1)]  # one outage a test
+    s3 = Counting(S3Storage(s3_bucket, "letters-test", endpoint_url=s3_server))
+    first = render(engine, s3, ids, workers=2)
+    assert (first.rendered, first.moved, first.failed) == (10, 10, {})
+    assert s3.calls["put"] == 20
+    with session_scope(engine) as s:
+        letters = s.exec(select(Letter).order_by(Letter.case_id)).all()
+    assert [letter.case_id for letter in letters] == ids
+    for letter in letters:
+        assert s3.get(letter.pdf_key, sha256=letter.pdf_sha256).startswith(b"%PDF")
+        assert b"</html>" in s3.get(letter.html_key)
+    again = render(engine, s3, ids, workers=2)
+    assert (again.rendered, again.unchanged, again.failed) == (0, 10, {}) and s3.calls["put"] == 20
+
+
 def test_identical_inputs_give_identical_pdf_bytes():
     data = sample_letter_data(SETTINGS, reason="system_issue")
     first = LetterTemplates().render(data, date(2026, 11, 20))
