@@ -1,29 +1,30 @@
 """Letters per second through the product's batch path, against the bare engines on the same documents.
 
-    .venv/bin/python benchmarks/letters.py [--cases 200] [--workers 2] [--database-url URL] [--alternatives]
-                                           [--json var/bench/letters.json]
+    .venv/bin/python benchmarks/letters.py [--rounds 4] [--batch-size N] [--in-flight K] [--workers 2]
+                                           [--database-url URL] [--alternatives] [--json var/bench/letters.json]
 
 What it does, in one run on a fresh database (SQLite in a temp dir unless --database-url is given):
 
-1. Generates N ready cases straight into the database (1-4 services, 1-3 diagnoses, a packet manifest,
-   the five reasons in turn, several payers including one with template overrides).
-2. Bare Typst on the same documents: the JSON the product hands Typst for the very letters it renders,
-   compiled with the same number of threads in a separate, warmed-up process, nothing else. (A separate
-   process: Typst memoizes within a process, so compiling the same documents in the product's process
-   would flatter whichever side runs second. Alike documents of other cases are no substitute: on the
-   default seed the product's cases alone cost 1-7% more or less Typst time than another 200 drawn alike.)
-   Also bare Typst on N other cases drawn alike, in this process, as before.
-3. Product, PDF: ``render_letters`` on the whole batch, timed end to end: the set-based load, Jinja2
-   HTML, HTML -> Typst document, Typst PDF, hashes, storage writes, the letters rows, the state
-   changes and audit events. Then the same batch again (all unchanged: nothing is written).
-   Overhead = product time / bare time on the same documents, in wall-clock and in CPU seconds
-   (target <= 1.2).
-4. Product, HTML: the batch path's HTML half (load + Jinja2 + data hash) against bare Jinja2 rendering
-   the same templates with the same contexts.
+1. Generates ready cases straight into the database (1-4 services, 1-3 diagnoses, a packet manifest,
+   the five reasons in turn, several payers including one with template overrides): disjoint sets drawn
+   alike for each side below (Typst memoizes within a process: documents compiled before would flatter
+   whichever side compiles them second).
+2. Product, PDF, as the render flow runs it: ``render_letters`` on batches of the flow's batch size
+   (100), the flow's number of batches in flight (2) at once, each typeset on ``--workers`` threads,
+   timed end to end: the set-based load, Jinja2 HTML, HTML -> Typst document, Typst PDF, hashes, storage
+   writes, the letters rows, the state changes and audit events. Also one batch at a time, and the same
+   letters again (all unchanged: nothing is written).
+3. Bare Typst on the same documents: the JSON the product hands Typst for the very letters of each
+   product side, compiled with the same number of threads in a separate, warmed-up process, nothing else
+   (a separate process: its memo is not the product's). Overhead = product time / bare time on the same
+   documents, in wall-clock and in CPU seconds (target <= 1.2), in total and per round.
+4. The HTML -> PDF engine alone (convert + Typst) on other cases; the batch path's HTML half (load +
+   Jinja2 + data hash) against bare Jinja2 rendering the same templates with the same contexts.
 5. Threads against processes (spawn) for the render step, and a determinism check (same input, same bytes).
 6. ``--alternatives``: WeasyPrint and fpdf2 (``write_html``) on the same HTML, single-threaded, when installed.
 
-The machine may be shared: the load average is printed with the results.
+The sides alternate in rounds (their order turned round every other round) because the machine may be
+shared and its load drifts: the load average is printed with the results.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from config import PAYERS_DIR  # noqa: E402
 from config.settings import load_settings  # noqa: E402
 from retroauth.db import make_engine, migrate, session_scope  # noqa: E402
 from retroauth.letters import (  # noqa: E402
-    LetterRequest, letter_date_of, letter_templates, load_letter_data, render_all, render_letters,
+    LetterRequest, letter_date_of, letter_templates, load_letter_data, merge_results, render_all, render_letters,
 )
 from retroauth.models import (  # noqa: E402
     CaseServiceLine, Coverage, Diagnosis, Encounter, Packet, Patient, RetroCase, ServiceLine,
@@ -206,12 +207,38 @@ def html_to_pdf(htmls: list[tuple[str, str]], templates, workers: int) -> None:
         list(pool.map(one, htmls))
 
 
+def render_flow_defaults() -> tuple[int, int]:
+    """The render flow's batch size and batches in flight, read from the flow (imports Prefect, as a flow
+    run's process has it)."""
+    import inspect
+
+    from flows.batches import IN_FLIGHT
+    from flows.render import render_letters as render_flow
+
+    return inspect.signature(render_flow.fn).parameters["batch_size"].default, IN_FLIGHT
+
+
+def as_the_flow_runs_it(engine, storage, settings, library, ids: list[int], size: int, in_flight: int, **kw):
+    """``render_letters`` on batches of ``size``, ``in_flight`` at once on threads, as the render flow's task
+    runner works a day's batches (without Prefect's own cost, which benchmarks/day.py measures)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def batch(part: list[int]) -> dict:
+        return render_letters(engine, storage, settings, library, part, **kw).as_dict()
+
+    with ThreadPoolExecutor(in_flight) as pool:
+        return merge_results(pool.map(batch, [ids[i:i + size] for i in range(0, len(ids), size)]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", type=int, default=200)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    flow_size, flow_in_flight = render_flow_defaults()
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="alternate the sides this many times, each on batch-size x in-flight letters")
+    ap.add_argument("--batch-size", type=int, default=flow_size, help="default: the render flow's")
+    ap.add_argument("--in-flight", type=int, default=flow_in_flight, help="default: the render flow's")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads a batch typesets on")
     ap.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
-    ap.add_argument("--rounds", type=int, default=4, help="alternate bare and product runs this many times")
     ap.add_argument("--alternatives", action="store_true", help="also WeasyPrint and fpdf2 on the same HTML")
     ap.add_argument("--json", type=Path, help="write the results here (for benchmarks/report.py)")
     args = ap.parse_args(argv)
@@ -225,63 +252,96 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(database_url=url)
     library = load_rule_library(PAYERS_DIR)
     templates = letter_templates()
-    n, w = args.cases, args.workers
+    w, size, in_flight = args.workers, args.batch_size, args.in_flight
+    per_round = size * in_flight
+    rounds = args.rounds
+    n = rounds * per_round  # letters for each product side
     rows: list[tuple[str, int, float, float, str]] = []
 
-    # Three sets drawn alike: a warm-up, one for the bare engine, one for the product. Disjoint, because
-    # Typst memoizes within a process: compiling documents it has just compiled would flatter the second run.
-    half = max(10, n // 2)
-    all_ids, t_gen = timed(generate, engine, 10 + 3 * n + 3 * half)
-    warm_ids, bare_ids, ids = all_ids[:10], all_ids[10:10 + n], all_ids[10 + n:10 + 2 * n]
+    # Disjoint sets drawn alike (Typst memoizes within a process: compiling documents it has compiled
+    # before would flatter the second run): a warm-up, the product as the flow runs it, the product one
+    # batch at a time, the HTML -> PDF engine, and three small ones for the render step alone.
+    step = 100
+    all_ids, t_gen = timed(generate, engine, 10 + 3 * n + 3 * step)
+    warm_ids, ids, single_ids = all_ids[:10], all_ids[10:10 + n], all_ids[10 + n:10 + 2 * n]
     engine_ids = all_ids[10 + 2 * n:10 + 3 * n]
-    step_ids = [all_ids[10 + 3 * n + k * half:10 + 3 * n + (k + 1) * half] for k in range(3)]
+    step_ids = [all_ids[10 + 3 * n + k * step:10 + 3 * n + (k + 1) * step] for k in range(3)]
     day = letter_date_of(AS_OF, settings)
     with session_scope(engine) as s:
         warm, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in warm_ids])
-        bare_data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in bare_ids])
         engine_data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in engine_ids])
     # Warm up once (Jinja2 compiles templates, Typst loads fonts): steady state is what a batch sees.
     render_all(templates, [(d, day) for d in warm.values()], workers=w)
-    bare_docs = [to_document(templates.render_html(d, day)) for d in bare_data.values()]
     engine_htmls = [(d.payer.id, templates.render_html(d, day)) for d in engine_data.values()]
-    with session_scope(engine) as s:  # the documents the product will hand Typst, in its order
-        product_data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in ids])
-    same_docs = [to_document(templates.render_html(product_data[LetterRequest(i)], day)) for i in ids]
+
+    def documents(case_ids: list[int]) -> list[dict]:
+        """The documents the product will hand Typst for these cases, in its order."""
+        with session_scope(engine) as s:
+            data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in case_ids])
+        return [to_document(templates.render_html(data[LetterRequest(i)], day)) for i in case_ids]
+
+    flow_docs, single_docs = documents(ids), documents(single_ids)
     bare_same = BareProcess(w)
     bare_same.compile([to_document(templates.render_html(d, day)) for d in warm.values()])  # fonts, first compile
+    product = dict(templates=templates, as_of=AS_OF, workers=w)
 
-    # Bare Typst on its set and the product on the other, alternating in rounds: a shared machine's load
-    # drifts, and alternating spreads the drift over both sides.
-    rounds = max(1, min(args.rounds, n // 10))
-    t_bare = cpu_bare = t_product = cpu_product = t_engine = cpu_engine = t_same = cpu_same = 0.0
+    # Each side on its own set, alternating in rounds (the order turned round every other round): a shared
+    # machine's load drifts, and alternating spreads the drift over every side.
+    totals: dict[str, list[float]] = {k: [0.0, 0.0] for k in ("same", "flow", "same1", "single", "engine")}
+    ratios: list[float] = []  # wall, product as the flow runs it / bare Typst on its documents, per round
     rendered = 0
+
+    def add(side: str, wall: float, cpu: float) -> None:
+        totals[side][0] += wall
+        totals[side][1] += cpu
+
     for r in range(rounds):
-        part = slice(r * n // rounds, (r + 1) * n // rounds)
-        t, c = bare_same.compile(same_docs[part])
-        t_same, cpu_same = t_same + t, cpu_same + c
-        _, t = timed(bare_typst, bare_docs[part], templates, w)
-        t_bare, cpu_bare = t_bare + t, cpu_bare + LAST_CPU
-        _, t = timed(html_to_pdf, engine_htmls[part], templates, w)
-        t_engine, cpu_engine = t_engine + t, cpu_engine + LAST_CPU
-        result, t = timed(render_letters, engine, storage, settings, library, ids[part], templates=templates,
-                          as_of=AS_OF, workers=w)
-        t_product, cpu_product = t_product + t, cpu_product + LAST_CPU
-        assert not result.failed, result.failed
-        rendered += result.rendered
+        part = slice(r * per_round, (r + 1) * per_round)
+
+        def flow_side() -> None:
+            nonlocal rendered
+            t, c = bare_same.compile(flow_docs[part])
+            add("same", t, c)
+            result, tp = timed(as_the_flow_runs_it, engine, storage, settings, library, ids[part], size, in_flight,
+                               **product)
+            add("flow", tp, LAST_CPU)
+            ratios.append(tp / t)
+            assert not result["failed"], result["failed"]
+            rendered += result["rendered"]
+
+        def single_side() -> None:
+            t, c = bare_same.compile(single_docs[part])
+            add("same1", t, c)
+            _, tp = timed(as_the_flow_runs_it, engine, storage, settings, library, single_ids[part], size, 1, **product)
+            add("single", tp, LAST_CPU)
+
+        def engine_side() -> None:
+            _, t = timed(html_to_pdf, engine_htmls[part], templates, w)
+            add("engine", t, LAST_CPU)
+
+        for side in (flow_side, single_side, engine_side)[::1 if r % 2 == 0 else -1]:
+            side()
     assert rendered == n
     bare_same.close()  # outside any timed call: its CPU joins this process's children's when it ends
-    rows.append(("bare Typst, the same documents", n, t_same, cpu_same, f"{w} threads, {rounds} rounds, own process"))
-    rows.append(("bare Typst, other documents drawn alike", n, t_bare, cpu_bare, f"{w} threads, {rounds} rounds"))
+    (t_same, cpu_same), (t_product, cpu_product) = totals["same"], totals["flow"]
+    (t_same1, cpu_same1), (t_single, cpu_single) = totals["same1"], totals["single"]
+    t_engine, cpu_engine = totals["engine"]
+    shape = f"batches of {size}, {in_flight} in flight, {w} threads each"
+    rows.append(("bare Typst, the flow side's documents", n, t_same, cpu_same, f"{w} threads, {rounds} rounds, own process"))
+    rows.append(("product as the render flow runs it", n, t_product, cpu_product, shape))
+    rows.append(("bare Typst, the one-batch side's documents", n, t_same1, cpu_same1,
+                 f"{w} threads, {rounds} rounds, own process"))
+    rows.append(("product, one batch at a time", n, t_single, cpu_single, f"batches of {size}, {w} threads"))
     rows.append(("HTML -> PDF engine (convert + Typst)", n, t_engine, cpu_engine, f"{w} threads, {rounds} rounds"))
-    rows.append(("product batch: HTML + PDF, stored, recorded", n, t_product, cpu_product,
-                 f"{w} threads, batches of {n // rounds}"))
-    again, t_again = timed(render_letters, engine, storage, settings, library, ids, templates=templates,
-                           as_of=AS_OF, workers=w)
-    assert again.rendered == 0 and again.unchanged == n
-    rows.append(("product batch again, all unchanged", n, t_again, LAST_CPU, "writes nothing"))
-    _, t_bare1 = timed(bare_typst, bare_docs[: max(10, n // 4)], templates, 1)
-    rows.append(("bare Typst (memoized: compiled before)", max(10, n // 4), t_bare1, LAST_CPU, "1 thread"))
+    again, t_again = timed(as_the_flow_runs_it, engine, storage, settings, library, ids, size, in_flight, **product)
+    assert again["rendered"] == 0 and again["unchanged"] == n
+    rows.append(("product again, all unchanged", n, t_again, LAST_CPU, "writes nothing"))
+    memo_docs = flow_docs[:step]
+    _, t_bare1 = timed(bare_typst, memo_docs, templates, 1)  # the product has compiled them in this process
+    rows.append(("bare Typst (memoized: compiled before)", len(memo_docs), t_bare1, LAST_CPU, "1 thread"))
 
+    ids = ids[:per_round]
+    n_html = len(ids)
     with session_scope(engine) as s:
         data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in ids])
     htmls = {k: templates.render_html(d, day) for k, d in data.items()}
@@ -297,21 +357,21 @@ def main(argv: list[str] | None = None) -> int:
 
     _, t_html = timed(product_html)
     cpu_html = LAST_CPU
-    rows.append(("product HTML: load + Jinja2 + data hash", n, t_html, cpu_html, "1 thread"))
+    rows.append(("product HTML: load + Jinja2 + data hash", n_html, t_html, cpu_html, "1 thread"))
     contexts = [(templates.environment(d.payer.id).get_template(templates.template_name(d.kind, d.reason, d.appeal_level)),
                  d.context(day)) for d in data.values()]
     _, t_jinja = timed(lambda: [tpl.render(ctx) for tpl, ctx in contexts])
     cpu_jinja = LAST_CPU
-    rows.append(("bare Jinja2, same templates and contexts", n, t_jinja, cpu_jinja, "1 thread"))
+    rows.append(("bare Jinja2, same templates and contexts", n_html, t_jinja, cpu_jinja, "1 thread"))
 
     # Render step alone (HTML + PDF, no database, no storage): one thread, threads, processes; each on
     # its own cases, never compiled before in this process.
     for k, (label, kw) in enumerate((("1 thread", dict(workers=1)), (f"{w} threads", dict(workers=w)),
                                      (f"{w} processes (spawn)", dict(workers=w, executor="process")))):
         with session_scope(engine) as s:
-            step, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in step_ids[k]])
-        _, t = timed(render_all, templates, [(d, day) for d in step.values()], **kw)
-        rows.append(("render step only (HTML + PDF)", len(step), t, LAST_CPU, label))
+            loaded, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in step_ids[k]])
+        _, t = timed(render_all, templates, [(d, day) for d in loaded.values()], **kw)
+        rows.append(("render step only (HTML + PDF)", len(loaded), t, LAST_CPU, label))
 
     # Determinism.
     one = next(iter(data.values()))
@@ -359,26 +419,29 @@ def main(argv: list[str] | None = None) -> int:
         cpu_rate = f"{count / cpu:9.1f}" if cpu else f"{'-':>9s}"
         print(f"{what:46s} {count:7d} {secs:7.2f} {rate} {cpu:7.2f} {cpu_rate}  {note}")
     rate_product = n / t_product
-    print(f"\nPDF overhead, product batch vs bare Typst on the same documents ({w} threads): "
-          f"wall {t_product / t_same:.2f}x, CPU {cpu_product / cpu_same:.2f}x (target <= 1.2x)")
-    print(f"PDF overhead, product batch vs bare Typst on other documents drawn alike: "
-          f"wall {t_product / t_bare:.2f}x, CPU {cpu_product / cpu_bare:.2f}x")
-    print(f"PDF overhead, product batch vs the HTML -> PDF engine alone: "
+    print(f"\nPDF overhead, product as the render flow runs it ({shape}) vs bare Typst on the same documents "
+          f"({w} threads): wall {t_product / t_same:.2f}x, CPU {cpu_product / cpu_same:.2f}x (target <= 1.2x); "
+          f"round by round {', '.join(f'{x:.2f}' for x in ratios)}")
+    print(f"PDF overhead, product one batch at a time vs bare Typst on its documents: "
+          f"wall {t_single / t_same1:.2f}x, CPU {cpu_single / cpu_same1:.2f}x")
+    print(f"PDF overhead, product as the flow runs it vs the HTML -> PDF engine alone: "
           f"wall {t_product / t_engine:.2f}x, CPU {cpu_product / cpu_engine:.2f}x")
     print(f"HTML overhead, product HTML half vs bare Jinja2: wall {t_html / t_jinja:.2f}x, CPU {cpu_html / cpu_jinja:.2f}x")
-    print(f"PDF letters per second, product batch: {rate_product:.1f} wall; {n / cpu_product:.1f} per CPU second, "
-          f"so about {min(w, os.cpu_count() or 1) * n / cpu_product:.0f}/s on {w} idle cores (target >= 20)")
+    print(f"PDF letters per second, product as the flow runs it: {rate_product:.1f} wall; {n / cpu_product:.1f} per CPU "
+          f"second, so about {min(w, os.cpu_count() or 1) * n / cpu_product:.0f}/s on {w} idle cores (target >= 20)")
     print(f"identical inputs give identical PDF bytes: {same}")
     pages = json.dumps([len(d['blocks']) for d in docs[:1]])
     print(f"(first letter: {pages} top-level blocks; HTML {len(next(iter(htmls.values())))} bytes)")
     rec.write(args.json, {
-        "cases": n, "workers": w, "database": url.split(":")[0], "rounds": rounds,
+        "cases": n, "workers": w, "database": url.split(":")[0], "rounds": rounds, "batch_size": size,
+        "in_flight": in_flight,
         "rows": [{"what": what, "letters": count, "wall_seconds": round(secs, 3), "cpu_seconds": round(cpu, 3),
                   "per_second": round(count / secs, 2) if secs else None, "notes": note}
                  for what, count, secs, cpu, note in rows],
-        "pdf_overhead_vs_bare_typst": {"wall": round(t_product / t_same, 3), "cpu": round(cpu_product / cpu_same, 3)},
-        "pdf_overhead_vs_bare_typst_alike_documents": {"wall": round(t_product / t_bare, 3),
-                                                       "cpu": round(cpu_product / cpu_bare, 3)},
+        "pdf_overhead_vs_bare_typst": {"wall": round(t_product / t_same, 3), "cpu": round(cpu_product / cpu_same, 3),
+                                       "rounds": [round(x, 3) for x in ratios]},
+        "pdf_overhead_one_batch_at_a_time": {"wall": round(t_single / t_same1, 3),
+                                             "cpu": round(cpu_single / cpu_same1, 3)},
         "pdf_overhead_vs_html_to_pdf_engine": {"wall": round(t_product / t_engine, 3),
                                                "cpu": round(cpu_product / cpu_engine, 3)},
         "html_overhead_vs_bare_jinja2": {"wall": round(t_html / t_jinja, 3), "cpu": round(cpu_html / cpu_jinja, 3)},
