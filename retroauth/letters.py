@@ -1168,7 +1168,7 @@ def render_letters(
         outputs = _rendered_in_order(stack, templates, [(d, letter_date) for _, d in fresh], workers, executor)
         stack.callback(outputs.close)  # on a failure, letters not started yet are not typeset for nothing
         # Local files are written one after another by the writer: a put waits on its own fsync, and a pool
-        # of threads cost more CPU (started per chunk, handing the GIL around) than the typesetting could
+        # of threads costs more CPU (started per chunk, handing the GIL around) than the typesetting can
         # spare. S3 puts wait on the network: 8 at a time, on one pool for the batch. (Entered before the
         # writer, so that the writer has finished with it when it shuts down.)
         puts = None if isinstance(storage, LocalStorage) else stack.enter_context(
