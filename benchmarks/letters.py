@@ -312,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         def single_side() -> None:
             t, c = bare_same.compile(single_docs[part])
             add("same1", t, c)
-            _, tp = timed(as_the_flow_runs_it, engine, storage, settings, library, single_ids[part], size, 1, **product)
+            result, tp = timed(as_the_flow_runs_it, engine, storage, settings, library, single_ids[part], size, 1,
+                               **product)
             add("single", tp, LAST_CPU)
+            assert not result["failed"] and result["rendered"] == per_round, result["failed"]
 
         def engine_side() -> None:
             _, t = timed(html_to_pdf, engine_htmls[part], templates, w)
@@ -340,16 +342,16 @@ def main(argv: list[str] | None = None) -> int:
     _, t_bare1 = timed(bare_typst, memo_docs, templates, 1)  # the product has compiled them in this process
     rows.append(("bare Typst (memoized: compiled before)", len(memo_docs), t_bare1, LAST_CPU, "1 thread"))
 
-    ids = ids[:per_round]
-    n_html = len(ids)
+    html_ids = ids[:per_round]  # the HTML half on one round's letters
+    n_html = len(html_ids)
     with session_scope(engine) as s:
-        data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in ids])
+        data, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in html_ids])
     htmls = {k: templates.render_html(d, day) for k, d in data.items()}
     docs = [to_document(h) for h in htmls.values()]
 
     def product_html() -> None:
         with session_scope(engine) as s:
-            loaded, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in ids])
+            loaded, _ = load_letter_data(s, settings, library, [LetterRequest(i) for i in html_ids])
         for d in loaded.values():
             templates.resolve_for(d)
             templates.render_html(d, day)

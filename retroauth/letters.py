@@ -61,7 +61,7 @@ from retroauth.models import (
     RetroCase, ServiceLine, Submission, utcnow,
 )
 from retroauth.rules import PayerRules, RuleLibrary
-from retroauth.storage import LocalStorage, Storage, key, sha256_hex
+from retroauth.storage import Storage, key, sha256_hex
 from retroauth.typeset import CONVERTER_VERSION, ENGINE, Typesetter, TypesetError, sha256_file, to_document
 from retroauth.vocab import DELAY_REASON_CODES, CaseStatus, MissReason
 
@@ -1097,8 +1097,8 @@ def _existing(session: Session, case_ids: Sequence[int]) -> tuple[dict[tuple, Le
 
 
 def _put_all(storage: Storage, objects: Sequence[tuple[str, bytes, str]], pool: ThreadPoolExecutor | None) -> None:
-    """Store ``objects`` (key, bytes, media type); on ``pool`` when there is one (network storage)."""
-    if pool is None or len(objects) <= 2:
+    """Store ``objects`` (key, bytes, media type), on ``pool`` when there is one (``Storage.put_concurrency``)."""
+    if pool is None:
         for k, body, media in objects:
             storage.put(k, body, content_type=media)
         return
@@ -1167,12 +1167,12 @@ def render_letters(
     with ExitStack() as stack:
         outputs = _rendered_in_order(stack, templates, [(d, letter_date) for _, d in fresh], workers, executor)
         stack.callback(outputs.close)  # on a failure, letters not started yet are not typeset for nothing
-        # Local files are written one after another by the writer: a put waits on its own fsync, and a pool
-        # of threads costs more CPU (started per chunk, handing the GIL around) than the typesetting can
-        # spare. S3 puts wait on the network: 8 at a time, on one pool for the batch. (Entered before the
-        # writer, so that the writer has finished with it when it shuts down.)
-        puts = None if isinstance(storage, LocalStorage) else stack.enter_context(
-            ThreadPoolExecutor(max_workers=8, thread_name_prefix="letters-put"))
+        # The writer puts the objects itself (local files: each waits on its own fsync) or, when the storage
+        # takes several puts at once (S3), on one pool for the batch. (Entered before the writer, so that the
+        # writer has finished with it when it shuts down.)
+        concurrency = getattr(storage, "put_concurrency", 1)  # 1 when a storage does not say
+        puts = None if concurrency <= 1 else stack.enter_context(
+            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="letters-put"))
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="letters-write"))
         written: list[Future[RenderResult]] = []
         chunk: list[tuple[LetterRequest, str, str, RenderedLetter | None]] = []

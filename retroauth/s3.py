@@ -34,6 +34,8 @@ def _code(exc: ClientError) -> str:
 class S3Storage:
     """Objects under ``s3://bucket/prefix``; keys are relative to the prefix and checked before use."""
 
+    put_concurrency = 8  # puts wait on network round trips
+
     def __init__(
         self,
         bucket: str,

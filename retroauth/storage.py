@@ -52,7 +52,13 @@ def sha256_hex(data: bytes) -> str:
 
 
 class Storage(Protocol):
-    """What every backend offers. ``put`` is idempotent: the same bytes under a key write once."""
+    """What every backend offers. ``put`` is idempotent: the same bytes under a key write once.
+
+    ``put_concurrency``: how many puts a caller with many objects should make at once. Local files: 1 (a put
+    waits on its own fsync, and threads would cost more CPU than they save); S3: several (each waits on the
+    network)."""
+
+    put_concurrency: int
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject: ...
 
@@ -67,6 +73,8 @@ class Storage(Protocol):
 
 class LocalStorage:
     """A directory; writes are atomic (temp file, fsync, rename) and private to the owner."""
+
+    put_concurrency = 1
 
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()

@@ -19,6 +19,7 @@ class CountingStorage:
     def __init__(self, inner: Storage):
         self.inner = inner
         self.calls: Counter[str] = Counter()
+        self.put_concurrency = getattr(inner, "put_concurrency", 1)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         self.calls["put"] += 1
@@ -52,7 +53,7 @@ class FlakyStorage:
 
     With ``keyed``, whether a call fails depends on the seed, the operation, the key and how many times
     that operation was called on that key before, not on the order of all calls: the same faults hit the
-    same calls when several threads call at once (letters are stored from a thread pool).
+    same calls when several threads call at once (letters are stored on S3 from a thread pool).
     """
 
     def __init__(self, inner: Storage, *, rate: float = 0.2, seed: int = 0, slow_seconds: float = 0.01,
@@ -62,6 +63,7 @@ class FlakyStorage:
         self._lock = threading.Lock()
         self._seen: Counter[tuple[str, str]] = Counter()
         self.faults: Counter[str] = Counter()
+        self.put_concurrency = getattr(inner, "put_concurrency", 1)
 
     def _draw(self, op: str = "", key: str = "") -> str | None:
         with self._lock:

@@ -7,6 +7,7 @@ import asyncio
 import io
 import re
 import shutil
+import threading
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -415,29 +416,46 @@ def test_a_storage_failure_in_a_later_chunk_keeps_the_chunks_before_and_a_rerun_
         assert {s.get(RetroCase, i).status for i in ids} == {CaseStatus.LETTER_RENDERED}
 
 
-def test_a_batch_stored_on_s3_puts_each_object_once_and_a_rerun_writes_nothing(engine, s3_bucket, s3_server, monkeypatch):
-    """S3 puts go out several at a time on the batch's pool (local files one after another): every letter of
-    a batch spanning chunks is stored on the real S3 endpoint, its rows point at objects with the recorded
-    checksum, and a rerun reads the rows and puts nothing."""
+def test_s3_puts_go_out_on_the_batchs_pool_local_files_from_the_writer_each_once(engine, tmp_path, s3_bucket,
+                                                                               s3_server, monkeypatch):
+    """A batch spanning several chunks: on S3 (the moto server) its objects are put on the batch's pool of
+    ``put_concurrency`` threads, local files by the writer thread itself; either way every object is put
+    once, each row points at an object with the recorded checksum, and a rerun puts nothing."""
     from retroauth.s3 import S3Storage
     from tests.faults import CountingStorage as Counting
 
+    class Threads(Counting):
+        """Which threads put."""
+
+        def __init__(self, inner):
+            super().__init__(inner)
+            self.threads: set[str] = set()
+
+        def put(self, key, data, content_type="application/octet-stream"):
+            self.threads.add(threading.current_thread().name.rsplit("_", 1)[0])
+            return super().put(key, data, content_type)
+
     monkeypatch.setattr(letters_module, "WRITE_CHUNK", 3)
-    ids = [make_case(engine, reason, n=n) for n, reason in enumerate(
-        ["system_issue"] + ["emergency", "administrative_error", "retroactive_eligibility",
-                           "delayed_insurance_verification"] * 2 + ["emergency"], 1)]  # one outage a test
-    s3 = Counting(S3Storage(s3_bucket, "letters-test", endpoint_url=s3_server))
-    first = render(engine, s3, ids, workers=2)
-    assert (first.rendered, first.moved, first.failed) == (10, 10, {})
-    assert s3.calls["put"] == 20
-    with session_scope(engine) as s:
-        letters = s.exec(select(Letter).order_by(Letter.case_id)).all()
-    assert [letter.case_id for letter in letters] == ids
-    for letter in letters:
-        assert s3.get(letter.pdf_key, sha256=letter.pdf_sha256).startswith(b"%PDF")
-        assert b"</html>" in s3.get(letter.html_key)
-    again = render(engine, s3, ids, workers=2)
-    assert (again.rendered, again.unchanged, again.failed) == (0, 10, {}) and s3.calls["put"] == 20
+    reasons = ["emergency", "administrative_error", "retroactive_eligibility", "delayed_insurance_verification",
+               "emergency"] * 2
+    reasons[0] = "system_issue"  # once: make_case adds a payer outage for each
+    s3 = Threads(S3Storage(s3_bucket, "letters-test", endpoint_url=s3_server))
+    local = Threads(LocalStorage(tmp_path / "storage"))
+    assert (s3.put_concurrency, local.put_concurrency) == (8, 1)
+    for k, (storage, threads) in enumerate(((s3, {"letters-put"}), (local, {"letters-write"}))):
+        ids = [make_case(engine, reason, n=10 * k + n) for n, reason in enumerate(reasons[k:], 1)]
+        first = render(engine, storage, ids, workers=2)
+        assert (first.rendered, first.moved, first.failed) == (len(ids), len(ids), {})
+        assert storage.calls["put"] == 2 * len(ids) and storage.threads == threads
+        with session_scope(engine) as s:
+            letters = s.exec(select(Letter).where(Letter.case_id.in_(ids)).order_by(Letter.case_id)).all()
+        assert [letter.case_id for letter in letters] == ids
+        for letter in letters:
+            assert storage.get(letter.pdf_key, sha256=letter.pdf_sha256).startswith(b"%PDF")
+            assert b"</html>" in storage.get(letter.html_key)
+        again = render(engine, storage, ids, workers=2)
+        assert (again.rendered, again.unchanged, again.failed) == (0, len(ids), {})
+        assert storage.calls["put"] == 2 * len(ids)
 
 
 def test_identical_inputs_give_identical_pdf_bytes():
