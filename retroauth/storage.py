@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -79,33 +79,47 @@ class LocalStorage:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._root = str(self.root)
 
     def _path(self, k: str) -> Path:
         return self.root / check_key(k)
 
-    def _mkdirs(self, directory: Path) -> None:
-        if os.path.isdir(directory):  # the usual case: one stat, not a mkdir per level on every put
+    def _mkdirs(self, directory: str) -> None:
+        """``directory`` and the missing folders above it, each 0700 (``os.makedirs`` would give the parents
+        the umask's modes). Strings, not ``Path``: a put of a new letter makes two folders, and pathlib's
+        parsing cost more CPU than the system calls."""
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
             return
-        # One level at a time: mkdir(parents=True) gives the parents default (umask) modes, not 0700.
-        for d in reversed([directory, *directory.parents]):
-            if d.is_relative_to(self.root) and d != self.root:
-                d.mkdir(exist_ok=True, mode=0o700)
+        except FileNotFoundError:
+            parent = os.path.dirname(directory)
+            if parent == directory or len(parent) < len(self._root):
+                raise
+            self._mkdirs(parent)
+            os.mkdir(directory, 0o700)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
-        path = self._path(key)
+        path = os.path.join(self._root, check_key(key))
         digest = sha256_hex(data)
-        if path.is_file() and sha256_hex(path.read_bytes()) == digest:
+        if os.path.isfile(path) and sha256_hex(Path(path).read_bytes()) == digest:
             return StoredObject(key, digest, len(data))
+        # A temp name of this thread's own (kept out of ``list``), written, synced, then renamed over the key:
+        # a reader sees the old object or the new one, never part of one.
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}-{os.getpid()}-{threading.get_ident()}")
         try:
-            self._mkdirs(path.parent)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
+            self._mkdirs(os.path.dirname(path))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         except OSError as exc:  # e.g. a file where a folder of the key should be
             raise StorageError(f"cannot write {key}: {exc.strerror}") from None
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
