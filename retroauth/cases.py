@@ -177,6 +177,14 @@ def record_event(
     session.add(CaseEvent(case_id=case_id, run_id=actor.run_id, actor=actor.name, event=event, details=details))
 
 
+def record_events(session: Session, event: str, details: Mapping[int, dict | None], *, actor: Actor = Actor()) -> None:
+    """``record_event`` for many cases (case id -> details) in one statement."""
+    if details:
+        now = utcnow()
+        session.execute(sa.insert(CaseEvent), [dict(case_id=cid, occurred_at=now, run_id=actor.run_id, actor=actor.name,
+                                                    event=event, details=d) for cid, d in details.items()])
+
+
 WAITING = (S.SUBMITTED, S.IN_REVIEW, S.APPEALED)  # the payer has our request or appeal
 
 

@@ -450,6 +450,10 @@ def test_s3_puts_go_out_on_the_batchs_pool_local_files_from_the_writer_each_once
         with session_scope(engine) as s:
             letters = s.exec(select(Letter).where(Letter.case_id.in_(ids)).order_by(Letter.case_id)).all()
         assert [letter.case_id for letter in letters] == ids
+        assert first.letters == {letter.case_id: letter.id for letter in letters}  # ids of one insert per chunk
+        with session_scope(engine) as s:
+            moves = s.exec(select(CaseEvent).where(CaseEvent.case_id.in_(ids), CaseEvent.event == "transition")).all()
+        assert {e.case_id: e.details["letter_id"] for e in moves} == first.letters
         for letter in letters:
             assert storage.get(letter.pdf_key, sha256=letter.pdf_sha256).startswith(b"%PDF")
             assert b"</html>" in storage.get(letter.html_key)
