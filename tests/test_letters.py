@@ -462,6 +462,44 @@ def test_s3_puts_go_out_on_the_batchs_pool_local_files_from_the_writer_each_once
         assert storage.calls["put"] == 2 * len(ids)
 
 
+def test_no_more_letters_compile_at_once_than_there_are_cores(monkeypatch):
+    """Two batches of four threads each render at once (as two batches in flight do), yet Typst compiles at
+    most one letter per core at a time: more would only time-slice the compiles."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from retroauth import typeset
+    from retroauth.letters import render_all
+
+    cores = 1
+    monkeypatch.setattr(typeset, "COMPILES_AT_ONCE", threading.BoundedSemaphore(cores))
+    now, most, lock = 0, 0, threading.Lock()
+
+    class Watched:
+        def __init__(self, compiler):
+            self.compiler = compiler
+
+        def compile(self, **kw):
+            nonlocal now, most
+            with lock:
+                now += 1
+                most = max(most, now)
+            try:
+                return self.compiler.compile(**kw)
+            finally:
+                with lock:
+                    now -= 1
+
+    new_compiler = typeset.Typesetter._new_compiler
+    monkeypatch.setattr(typeset.Typesetter, "_new_compiler", lambda self: Watched(new_compiler(self)))
+    templates = LetterTemplates()
+    jobs = [(sample_letter_data(SETTINGS, reason=reason), date(2026, 11, 20))
+            for reason in ["emergency", "administrative_error", "system_issue", "retroactive_eligibility"]]
+    with ThreadPoolExecutor(2) as batches:
+        done = list(batches.map(lambda part: render_all(templates, part, workers=4), [jobs, jobs[::-1]]))
+    assert all(letter.pdf.startswith(b"%PDF") for part in done for letter in part)
+    assert most == cores
+
+
 def test_identical_inputs_give_identical_pdf_bytes():
     data = sample_letter_data(SETTINGS, reason="system_issue")
     first = LetterTemplates().render(data, date(2026, 11, 20))
