@@ -523,6 +523,30 @@ def test_render_one_returns_the_stored_letter(engine, storage):
         render_one(engine, storage, SETTINGS, LIB, 999)
 
 
+def test_a_batch_loaded_in_two_parts_comes_out_as_one(engine, storage, monkeypatch):
+    """The first LOAD_FIRST letters are loaded and typeset while the rest load: letters stored already, cases
+    that cannot have one and new letters, in either part, come out as in a batch loaded at once."""
+    monkeypatch.setattr(letters_module, "LOAD_FIRST", 4)
+    monkeypatch.setattr(letters_module, "WRITE_CHUNK", 2)
+    payers = ["priority-health", "no-such-payer", "priority-health", "priority-health", "priority-health",
+              "priority-health", "no-such-payer", "priority-health", "priority-health", "priority-health"]
+    ids = [make_case(engine, payer=payer, n=n) for n, payer in enumerate(payers, 1)]
+    bad = [ids[1], ids[6]]
+    stored_before = render(engine, storage, [ids[2], ids[7]]).letters  # one in each part
+    puts = storage.puts
+    result = render(engine, storage, ids, workers=2)
+    assert (result.rendered, result.unchanged, result.moved) == (6, 2, 6)
+    assert result.failed == {case_id: "unknown_payer" for case_id in bad}
+    assert storage.puts - puts == 2 * 6
+    with session_scope(engine) as s:
+        rows = {letter.case_id: letter for letter in s.exec(select(Letter)).all()}
+        assert {i for i in ids if s.get(RetroCase, i).status == CaseStatus.LETTER_RENDERED} == set(ids) - set(bad)
+    assert result.letters == {case_id: rows[case_id].id for case_id in set(ids) - set(bad)}
+    assert {case_id: result.letters[case_id] for case_id in stored_before} == stored_before
+    for case_id, letter in rows.items():
+        assert letter.version == 1 and storage.get(letter.pdf_key, sha256=letter.pdf_sha256).startswith(b"%PDF")
+
+
 def test_cases_that_cannot_have_a_letter_are_reported_by_id(engine, storage):
     ready = make_case(engine, n=1)
     elsewhere = make_case(engine, n=2, status=CaseStatus.IDENTIFIED)
