@@ -1203,6 +1203,18 @@ def render_letters(
         puts = None if concurrency <= 1 else stack.enter_context(
             ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="letters-put"))
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="letters-write"))
+        queued: list[tuple[LetterRequest, str, str, RenderedLetter | None]] = []  # handed over, not yet taken
+        lock = threading.Lock()
+
+        def write_queued() -> RenderResult:
+            """One transaction for every letter queued by now. Chunks that queue up while the writer is busy (it
+            waits on fsyncs, and for the GIL after each) go in together: a writer that fell behind catches up in
+            fewer transactions, and the batch's tail after its last letter is typeset is one transaction."""
+            with lock:
+                keep = queued[:]
+                queued.clear()
+            return _store_and_record(engine, storage, actor, keep, puts) if keep else RenderResult()
+
         written: list[Future[RenderResult]] = []
         chunk: list[tuple[LetterRequest, str, str, RenderedLetter | None]] = []
         chunk_size = max(WRITE_CHUNK, len(todo) // 2)
@@ -1215,7 +1227,9 @@ def render_letters(
             if chunk and (len(chunk) >= chunk_size or n == len(todo)):
                 if any(f.done() and f.exception() for f in written):
                     break  # storage or the database failed: stop typesetting, raise it below
-                written.append(writer.submit(_store_and_record, engine, storage, actor, chunk, puts))
+                with lock:
+                    queued.extend(chunk)
+                written.append(writer.submit(write_queued))
                 chunk, chunk_size = [], max(WRITE_CHUNK, (len(todo) - n) // 2)
         for f in written:
             part = f.result()  # the first failure is raised; every chunk whose transaction ended stays recorded
