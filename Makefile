@@ -47,7 +47,7 @@ clean:
 
 # Benchmarks, outside CI. Each writes its JSON result under var/bench/; benchmarks/report.py writes BENCHMARKS.md
 # from them. Measured on the shared 2-core box (load average 2-10 from other work): `make bench` about 40 minutes
-# once its data is cached under benchmarks/.data (sweep at 3 sizes 5 min, letters 3 min, the 2,000-case day
+# once its data is cached under benchmarks/.data (sweep at 3 sizes 5 min, letters 4 min, the 2,000-case day
 # 26 min, urgent 5 min); the first run builds that data, roughly an hour more (the 4,000,000-line sweep
 # database about half of it). `make bench BENCH_SIZES="250000 1000000"` leaves the 4,000,000-line size out
 # (about 2 minutes less, half an hour less on the first run). `make load` (200 urgent triggers within a

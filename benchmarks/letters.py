@@ -1,6 +1,6 @@
 """Letters per second through the product's batch path, against the bare engines on the same documents.
 
-    .venv/bin/python benchmarks/letters.py [--rounds 4] [--batch-size N] [--in-flight K] [--workers 2]
+    .venv/bin/python benchmarks/letters.py [--rounds 6] [--batch-size N] [--in-flight K] [--workers 2]
                                            [--database-url URL] [--alternatives] [--json var/bench/letters.json]
 
 What it does, in one run on a fresh database (SQLite in a temp dir unless --database-url is given):
@@ -35,6 +35,7 @@ import os
 import random
 import re
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -233,7 +234,7 @@ def as_the_flow_runs_it(engine, storage, settings, library, ids: list[int], size
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     flow_size, flow_in_flight = render_flow_defaults()
-    ap.add_argument("--rounds", type=int, default=4,
+    ap.add_argument("--rounds", type=int, default=6,
                     help="alternate the sides this many times, each on batch-size x in-flight letters")
     ap.add_argument("--batch-size", type=int, default=flow_size, help="default: the render flow's")
     ap.add_argument("--in-flight", type=int, default=flow_in_flight, help="default: the render flow's")
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     rate_product = n / t_product
     print(f"\nPDF overhead, product as the render flow runs it ({shape}) vs bare Typst on the same documents "
           f"({w} threads): wall {t_product / t_same:.2f}x, CPU {cpu_product / cpu_same:.2f}x (target <= 1.2x); "
-          f"round by round {', '.join(f'{x:.2f}' for x in ratios)}")
+          f"round by round {', '.join(f'{x:.2f}' for x in ratios)} (median {statistics.median(ratios):.2f})")
     print(f"PDF overhead, product one batch at a time vs bare Typst on its documents: "
           f"wall {t_single / t_same1:.2f}x, CPU {cpu_single / cpu_same1:.2f}x")
     print(f"PDF overhead, product as the flow runs it vs the HTML -> PDF engine alone: "
@@ -441,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                   "per_second": round(count / secs, 2) if secs else None, "notes": note}
                  for what, count, secs, cpu, note in rows],
         "pdf_overhead_vs_bare_typst": {"wall": round(t_product / t_same, 3), "cpu": round(cpu_product / cpu_same, 3),
-                                       "rounds": [round(x, 3) for x in ratios]},
+                                       "rounds": [round(x, 3) for x in ratios],
+                                       "median_round": round(statistics.median(ratios), 3)},
         "pdf_overhead_one_batch_at_a_time": {"wall": round(t_single / t_same1, 3),
                                              "cpu": round(cpu_single / cpu_same1, 3)},
         "pdf_overhead_vs_html_to_pdf_engine": {"wall": round(t_product / t_engine, 3),

@@ -87,7 +87,8 @@ def summary_rows(docs: dict[str, dict]) -> list[str]:
         r = docs["letters"]["results"]
         o = r["pdf_overhead_vs_bare_typst"]
         shape = f", batches of {r['batch_size']}, {r['in_flight']} in flight" if "batch_size" in r else ""
-        rounds = f" (rounds {', '.join(f'{x:.2f}' for x in o['rounds'])})" if o.get("rounds") else ""
+        rounds = (f" (rounds {', '.join(f'{x:.2f}' for x in o['rounds'])}"
+                  + (f", median {o['median_round']:.2f}" if "median_round" in o else "") + ")") if o.get("rounds") else ""
         rows.append(f"| letters vs bare Typst, {r['cases']} letters{shape} | {o['wall']:.2f}x wall{rounds}, "
                     f"{o['cpu']:.2f}x CPU; {r['letters_per_second']:.1f} letters/s | <= 1.2x | "
                     f"{_met(o['wall'] <= 1.2 and o['cpu'] <= 1.2, 'wall' if o['wall'] <= 1.2 else None)} | "
@@ -189,6 +190,7 @@ def letters_section(doc: dict) -> list[str]:
     out += ["",
             f"- PDF: the product is **{o['wall']:.2f}x** bare Typst in wall time, {o['cpu']:.2f}x in CPU (target "
             "<= 1.2x)" + (f"; round by round {', '.join(f'{x:.2f}' for x in o['rounds'])}" if o.get("rounds") else "")
+            + (f" (median {o['median_round']:.2f})" if "median_round" in o else "")
             + (f"; one batch at a time {single['wall']:.2f}x / {single['cpu']:.2f}x" if single else "")
             + f"; {e['wall']:.2f}x / {e['cpu']:.2f}x the HTML-to-PDF engine alone"
             + (f"; {a['wall']:.2f}x / {a['cpu']:.2f}x bare Typst on other documents drawn alike."
