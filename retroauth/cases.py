@@ -197,9 +197,7 @@ def escalate(s: Session, case_ids: Sequence[int], why: str, as_of: datetime, act
     if ids:
         s.execute(sa.update(RetroCase).where(RetroCase.id.in_(ids)).values(escalated_at=as_of)
                   .execution_options(synchronize_session=False))
-        s.execute(sa.insert(CaseEvent), [dict(case_id=cid, occurred_at=utcnow(), run_id=actor.run_id,
-                                              actor=actor.name, event="escalated", details={"why": why})
-                                         for cid in ids])
+        record_events(s, "escalated", dict.fromkeys(ids, {"why": why}), actor=actor)
     return ids
 
 

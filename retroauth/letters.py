@@ -1190,8 +1190,9 @@ def render_letters(
                 except LetterTemplateError as exc:
                     result.failed[req.case_id] = f"template {exc}"
                     continue
-                todo.append((req, th, d.data_hash()))
-                if (req.case_id, req.kind, req.appeal_level, d.data_hash(), th) not in existing:
+                dh = d.data_hash()
+                todo.append((req, th, dh))
+                if (req.case_id, req.kind, req.appeal_level, dh, th) not in existing:
                     new.add(req)
                     fresh.append((d, letter_date))
             parts.append(render(fresh))

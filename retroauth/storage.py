@@ -93,11 +93,13 @@ class LocalStorage:
         except FileExistsError:
             return
         except FileNotFoundError:
-            parent = os.path.dirname(directory)
-            if parent == directory or len(parent) < len(self._root):
+            if directory == self._root:  # the storage root itself is gone: nothing above it is ours to make
                 raise
-            self._mkdirs(parent)
-            os.mkdir(directory, 0o700)
+            self._mkdirs(os.path.dirname(directory))
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:  # another thread made it meanwhile
+                pass
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         path = os.path.join(self._root, check_key(key))

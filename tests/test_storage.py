@@ -206,6 +206,7 @@ def test_concurrent_puts_do_not_corrupt(storage: Storage) -> None:
         for _ in range(3):
             storage.put("shared/object.bin", payloads[i])
             storage.put(f"own/{i}.bin", payloads[i])
+            storage.put(f"new/folders/{i}.bin", payloads[i])  # threads racing to make the same folders
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(work, range(8)))
@@ -213,7 +214,8 @@ def test_concurrent_puts_do_not_corrupt(storage: Storage) -> None:
     assert data in payloads, "the shared key holds one whole write, never a mix"
     for i, payload in enumerate(payloads):
         assert storage.get(f"own/{i}.bin", sha256=sha256_hex(payload)) == payload
-    assert storage.list("") == sorted(["shared/object.bin", *(f"own/{i}.bin" for i in range(8))])
+    assert storage.list("") == sorted(["shared/object.bin", *(f"own/{i}.bin" for i in range(8)),
+                                       *(f"new/folders/{i}.bin" for i in range(8))])
     if isinstance(storage, LocalStorage):
         assert not [p for p in storage.root.rglob(".tmp-*")], "no temp files left behind"
 
@@ -232,6 +234,27 @@ def test_local_files_are_private(tmp_path: Path) -> None:
     for d in (root, root / "documents", root / "documents/12", root / "documents/12/notes"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     assert stat.S_IMODE((root / "documents/12/notes/note.txt").stat().st_mode) == 0o600
+
+
+def test_a_folder_made_by_another_writer_meanwhile_is_no_error(tmp_path: Path, monkeypatch) -> None:
+    """Two writers of new keys under the same new folders: the folder one makes while the other is making its
+    parents is used, not reported as a failure."""
+    import retroauth.storage as storage_module
+
+    store = LocalStorage(tmp_path / "store")
+    leaf = str(tmp_path / "store" / "letters" / "7")
+    real_mkdir, calls = os.mkdir, []
+
+    def mkdir(path, mode=0o777):  # noqa: ANN001
+        calls.append(path)
+        if path == leaf and calls.count(leaf) == 2:  # its parent is made now: the other writer gets there first
+            real_mkdir(path, mode)
+        return real_mkdir(path, mode)
+
+    monkeypatch.setattr(storage_module.os, "mkdir", mkdir)
+    store.put("letters/7/request.pdf", b"%PDF")
+    monkeypatch.undo()
+    assert store.get("letters/7/request.pdf") == b"%PDF" and calls.count(leaf) == 2
 
 
 def test_local_key_through_a_file_is_a_storage_error(tmp_path: Path) -> None:
