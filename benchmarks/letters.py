@@ -38,6 +38,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -59,6 +60,7 @@ from retroauth.models import (  # noqa: E402
 )
 from retroauth.rules import load_rule_library  # noqa: E402
 from retroauth.storage import LocalStorage  # noqa: E402
+from retroauth import typeset  # noqa: E402
 from retroauth.typeset import to_document  # noqa: E402
 from retroauth.vocab import DELAY_REASON_CODES, CaseStatus, MissReason  # noqa: E402
 
@@ -239,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=flow_size, help="default: the render flow's")
     ap.add_argument("--in-flight", type=int, default=flow_in_flight, help="default: the render flow's")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="threads a batch typesets on")
+    ap.add_argument("--compiles-at-once", type=int, default=None,
+                    help="Typst compiles the product runs at once (default: one per core, typeset.COMPILES_AT_ONCE); "
+                         "e.g. 4 shows what the cap saves when two batches of two threads are in flight")
     ap.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
     ap.add_argument("--alternatives", action="store_true", help="also WeasyPrint and fpdf2 on the same HTML")
     ap.add_argument("--json", type=Path, help="write the results here (for benchmarks/report.py)")
@@ -254,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     library = load_rule_library(PAYERS_DIR)
     templates = letter_templates()
     w, size, in_flight = args.workers, args.batch_size, args.in_flight
+    compiles_at_once = args.compiles_at_once or typeset.CORES
+    typeset.COMPILES_AT_ONCE = threading.BoundedSemaphore(compiles_at_once)
     per_round = size * in_flight
     rounds = args.rounds
     n = rounds * per_round  # letters for each product side
@@ -415,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("fpdf2 write_html", 0, 0.0, 0.0, f"failed: {type(exc).__name__}"))
 
     print(f"\nletters benchmark: {n} cases, {url.split(':')[0]}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.2f}, generated in {t_gen:.1f} s\n")
+          f"load average {os.getloadavg()[0]:.2f}, generated in {t_gen:.1f} s, "
+          f"{compiles_at_once} Typst compiles at once at most\n")
     print(f"{'what':46s} {'letters':>7s} {'wall s':>7s} {'per s':>7s} {'CPU s':>7s} {'per CPU s':>9s}  notes")
     for what, count, secs, cpu, note in rows:
         rate = f"{count / secs:7.1f}" if secs else f"{'-':>7s}"
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(first letter: {pages} top-level blocks; HTML {len(next(iter(htmls.values())))} bytes)")
     rec.write(args.json, {
         "cases": n, "workers": w, "database": url.split(":")[0], "rounds": rounds, "batch_size": size,
-        "in_flight": in_flight,
+        "in_flight": in_flight, "compiles_at_once": compiles_at_once,
         "rows": [{"what": what, "letters": count, "wall_seconds": round(secs, 3), "cpu_seconds": round(cpu, 3),
                   "per_second": round(count / secs, 2) if secs else None, "notes": note}
                  for what, count, secs, cpu, note in rows],

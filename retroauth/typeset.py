@@ -433,7 +433,8 @@ def _cores() -> int:
 # Typst typesets a letter on one core. More compiles at once than cores (two batches in flight, each on
 # a thread per core) only time-slice them and evict each other's caches: ~4 ms more CPU per compile
 # here, 10%. Threads beyond the cores prepare their next letter (HTML, document) and wait their turn.
-COMPILES_AT_ONCE = threading.BoundedSemaphore(_cores())
+CORES = _cores()
+COMPILES_AT_ONCE = threading.BoundedSemaphore(CORES)
 
 
 def sha256_file(path: Path) -> str:
