@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect.futures import PrefectFuture, as_completed, wait
 
+from retroauth import failpoints
 from tasks import context
 from tasks.claims import claim_batch, release_batch
 
@@ -35,10 +36,12 @@ def claimed_batches(step: str, claim_round: str, size: int, work: Any, *, in_fli
     finished: list[PrefectFuture] = []
     seen: set[int] = set()
     done_ids: list[int] = []  # the batch just finished: handed back by the next claim, in its transaction
+    after_claim = f"{step}.after_claim"
     try:
         while True:
             while len(running) < in_flight:
                 ids, done_ids = claim_batch(step, claim_round, size, done_ids), []
+                failpoints.hit(after_claim)
                 if seen.issuperset(ids):  # nothing left (or only our own batch again, its lease run out): stop
                     if ids:
                         release_batch(step, ids)

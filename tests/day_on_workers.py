@@ -167,12 +167,14 @@ class DayOnWorkers:
 
     # --- workers -----------------------------------------------------------------------------------------
 
-    def start_workers(self, day: AppDay, count: int, timeout: float = 120) -> float:
-        """``count`` process workers on the pool, at most one flow run each, for ``day``; seconds until all polled."""
+    def start_workers(self, day: AppDay, count: int, timeout: float = 120,
+                      env: dict[str, str] | None = None) -> float:
+        """``count`` process workers on the pool, at most one flow run each, for ``day``, with ``env`` in their
+        environment and their flow runs' (failpoints, say); seconds until all polled."""
         from prefect.client.orchestration import get_client
 
         env = self._env(PREFECT_WORKER_QUERY_SECONDS=str(self.poll_seconds),
-                        PREFECT_WORKER_PREFETCH_SECONDS=str(max(1.0, self.poll_seconds)), **day.env())
+                        PREFECT_WORKER_PREFETCH_SECONDS=str(max(1.0, self.poll_seconds)), **day.env(), **(env or {}))
         started = datetime.now().astimezone()
         t0 = time.perf_counter()
         for i in range(1, count + 1):

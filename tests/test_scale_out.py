@@ -2,7 +2,12 @@
 suite's cluster), the deployments applied, three process workers (one flow run at a time each), a PAS payer
 that takes 0.2 s per request, and one day of many batches run by the daily-run deployment with two helpers.
 Every case goes to submitted exactly once (one request per idempotency key at the payer, one letter, one
-packet, one event per move), and each of the three workers did part of the day (tests/day_on_workers.py)."""
+packet, one event per move), and each of the three workers did part of the day (tests/day_on_workers.py).
+
+A helper's flow run starts many seconds after the daily run's (its worker starts a new Python process), and by
+then the daily run would have claimed most of the day. So each run's first claim of each claimed step meets
+the other two runs' there (the failpoint ``<step>.after_claim=meet:3@1``) before any run works on: every run
+holds a batch of every step, whatever its start took, and from then on the three claim as they would."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from datetime import datetime
 import pytest
 import sqlalchemy as sa
 
+from retroauth import failpoints
 from retroauth.db import make_engine, session_scope
 from retroauth.models import CaseEvent, Letter, Packet, RetroCase, Submission
 from tests.day_on_workers import DayOnWorkers
@@ -23,6 +29,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 AS_OF = datetime(2026, 11, 20, 6, tzinfo=CHI)
 CASES, BATCH = 60, 5  # 12 batches per step, shared by three runs
 MOVES = ["ready", "letter_rendered", "submitting", "submitted", "approved"]
+# The moves of a claimed batch (assemble, render, send); "submitting" is whichever run queues the case first.
+CLAIMED_MOVES = ["ready", "letter_rendered", "submitted", "approved"]
+MEET = ",".join(f"{step}.after_claim=meet:3@1" for step in ("assemble", "render", "send"))
 
 
 @pytest.fixture
@@ -41,7 +50,7 @@ def rig(pg_cluster, tmp_path):
     rig.close()
 
 
-def test_three_workers_share_one_day_and_work_each_case_once(rig, pg_cluster):
+def test_three_workers_share_one_day_and_work_each_case_once(rig, pg_cluster, tmp_path):
     t0 = time.perf_counter()
     app_db = f"scale_{os.getpid()}"
     pg_cluster.execute(f"CREATE DATABASE {app_db} TEMPLATE retroauth_template")
@@ -50,7 +59,7 @@ def test_three_workers_share_one_day_and_work_each_case_once(rig, pg_cluster):
     assert {"daily-run", "work-day"} <= set(report.deployments)
     day = rig.app("day", pg_cluster.url(app_db))
     rig.add_cases(day, CASES, AS_OF)
-    rig.start_workers(day, 3)
+    rig.start_workers(day, 3, env={failpoints.ENV: MEET, failpoints.DIR_ENV: str(tmp_path / "meet")})
     ready = time.perf_counter() - t0
 
     flow_run, seconds = rig.run_day(AS_OF, helpers=2, batch_size=BATCH, timeout=600)
@@ -63,7 +72,8 @@ def test_three_workers_share_one_day_and_work_each_case_once(rig, pg_cluster):
             statuses = Counter(s.execute(sa.select(RetroCase.status)).scalars())
             moves = Counter(s.execute(sa.select(CaseEvent.case_id, CaseEvent.to_status)
                                       .where(CaseEvent.event == "transition")).tuples())
-            movers = s.execute(sa.select(CaseEvent.run_id).where(CaseEvent.event == "transition")).scalars().all()
+            movers = s.execute(sa.select(CaseEvent.run_id, CaseEvent.to_status)
+                               .where(CaseEvent.event == "transition")).tuples().all()
             letters = Counter(s.execute(sa.select(Letter.case_id)).scalars())
             packets = s.execute(sa.select(Packet.case_id, Packet.version)).tuples().all()
             keys = s.execute(sa.select(Submission.idempotency_key).where(Submission.status == "sent")).scalars().all()
@@ -87,7 +97,14 @@ def test_three_workers_share_one_day_and_work_each_case_once(rig, pg_cluster):
     # Three deployment runs (the daily run and its two helpers), each on its own worker, each did part of it.
     run_of = rig.deployment_run_of()
     worker_of = rig.runs_by_worker()
-    share = Counter(run_of[r] for r in movers)
+    share = Counter(run_of[r] for r, _ in movers)
     assert len(share) == 3, share
     assert len({worker_of[r] for r in share}) == 3, worker_of
-    print("transitions per worker: " + ", ".join(f"{worker_of[r]} {n}" for r, n in sorted(share.items())))
+    # And each worked at least a batch of each claimed step (MEET): nobody works on a step before all three
+    # have claimed a first batch of it, and no first claim is empty: the k-th run to claim finds at least 5k
+    # rows of the step's work (all 60 cases to assemble; to render or send, at least the arrived runs' own
+    # batches of the step before), and only 5(k-1) of them claimed.
+    moved = Counter((run_of[r], to) for r, to in movers)
+    print("transitions per worker: " + ", ".join(
+        f"{worker_of[r]} {n} (" + " ".join(str(moved[r, to]) for to in MOVES) + ")" for r, n in sorted(share.items())))
+    assert all(moved[r, to] >= BATCH for r in share for to in CLAIMED_MOVES), moved
