@@ -45,6 +45,8 @@ def _ran(doc: dict) -> list[str]:
         f"- Command: `{doc['command']}`",
         f"- Ran {doc['started']['at']} to {doc['finished']['at']} ({_f(doc['finished']['seconds'], 0)} s), "
         f"{code_s}; load average (1 / 5 / 15 min) {_load(doc)}",
+        f"- Machine: {m['cpu_model']}, {m['cpus']} processors, kernel {m['kernel']}"
+        if (m := doc.get("machine")) else "- Machine: not recorded",
     ]
     if doc.get("note"):
         lines.append(f"- Note: {doc['note']}")
