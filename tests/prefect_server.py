@@ -13,9 +13,17 @@ def prefect_server(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.3"
+    from prefect.settings import (
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT, PREFECT_TASKS_DEFAULT_PERSIST_RESULT, temporary_settings,
+    )
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    # The flows' own results are persisted here, their tasks' as in production (only where a task asks).
+    # A test reads a flow's return value from its final state; when the server's SQLite stalls (database is
+    # locked) the client may retry setting that state and take the server's copy back, which carries the
+    # value only if it was persisted: the test would fail with MissingResult although the run completed.
+    with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True, PREFECT_TASKS_DEFAULT_PERSIST_RESULT: False}), \
+            prefect_test_harness(server_startup_timeout=120):
         yield
 
 

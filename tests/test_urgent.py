@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+from prefect.client.orchestration import get_client
 from sqlmodel import select
 
 from retroauth.cases import Actor
@@ -75,6 +76,10 @@ def test_urgent_case_takes_one_encounter_to_submitted_and_leaves_the_others(engi
     state = urgent_case(encounter_id=urgent, return_state=True)
     result = state.result()
     assert result["encounter_id"] == urgent and len(result["case_ids"]) == 1
+    # The server's copy of the final state gives the same value (tests/prefect_server.py persists flow results:
+    # a client that retried setting the state under a stalled server holds that copy, not its own).
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).state.result() == result
     case_id = result["case_ids"][0]
     assert result["statuses"] == {str(case_id): "submitted"}  # through the packet channel of the test payer
     with session_scope(engine) as s:
