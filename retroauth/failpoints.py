@@ -9,8 +9,8 @@ processes, itself included, have reached the same place, then goes on), optional
 (production), ``hit`` is one dictionary lookup.
 
 ``meet`` needs ``RETROAUTH_FAILPOINTS_DIR``, a directory that every process sees: each one that arrives
-leaves a file in ``<dir>/<name>/`` (named by its process id, nothing else) and waits until there are P.
-One that has waited ``MEET_SECONDS`` raises ``FailpointHit`` instead (a process that never came).
+leaves a file in ``<dir>/<name>/`` (named by its process id and a random token: no data) and waits until
+there are P. One that has waited ``MEET_SECONDS`` raises ``FailpointHit`` instead (a process that never came).
 
 The places, each between two effects that must not be separated silently:
 - ``sweep.after_page``: a page of encounters evaluated and committed;
